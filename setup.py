@@ -1,0 +1,38 @@
+"""repa-fast: fast U-REPA representation-alignment training for Stable Diffusion 1.5."""
+
+from setuptools import setup
+
+setup(
+    name="repa-fast",
+    version="0.1.0",
+    description="Fast SD-1.5 training with U-REPA representation alignment (Triton, DALI, DeepSpeed)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "repa_fast",
+        "repa_fast.models",
+        "repa_fast.data",
+        "repa_fast.kernels",
+    ],
+    package_dir={"repa_fast.kernels": "kernels"},
+    # Ranges that torch 2.13.0 satisfies: install torch first (the Makefile does) so that pip never
+    # pulls a multi-GB CUDA build to satisfy a newer pin.
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "triton>=3.1",
+        "diffusers>=0.30",
+        "peft>=0.12",
+        "deepspeed>=0.16",
+        "lmdb>=1.4",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
+    },
+    entry_points={"console_scripts": []},
+)
