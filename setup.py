@@ -1,12 +1,14 @@
 """repa-fast: fast U-REPA representation-alignment training for Stable Diffusion 1.5."""
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="repa-fast",
     version="0.1.0",
     description="Fast SD-1.5 training with U-REPA representation alignment (Triton, DALI, DeepSpeed)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=[

@@ -6,8 +6,9 @@ value is the raw little-endian array bytes; ``__meta__`` is a JSON record with `
 expect and every record's length against the shape: a missing or short record is an error naming
 the file and key, never silent zeros.
 
-Environments open lazily and are reopened in a process that did not open them (forked DataLoader
-or DALI workers), so a reader can be built in the parent and used in workers.
+Environments open lazily, once per process and path, and are reopened in a process that did not
+open them (forked DataLoader or DALI workers), so a reader can be built in the parent and used in
+workers.
 """
 
 from __future__ import annotations
@@ -37,6 +38,32 @@ def dino_key(sample_id: str, layer: str) -> str:
     return f"{sample_id}_{layer}"
 
 
+# py-lmdb refuses to open one environment twice in a process: readers of the same path share a
+# handle, opened lazily in the process that uses it (a forked worker never uses its parent's).
+_READ_ENVS: dict[str, lmdb.Environment] = {}
+_READ_ENVS_PID = os.getpid()
+
+
+def _read_env(path: Path) -> lmdb.Environment:
+    global _READ_ENVS_PID
+    if os.getpid() != _READ_ENVS_PID:
+        _READ_ENVS.clear()
+        _READ_ENVS_PID = os.getpid()
+    key = os.path.realpath(path)
+    env = _READ_ENVS.get(key)
+    if env is None:
+        env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False,
+                        subdir=os.path.isdir(key), max_readers=1024)
+        _READ_ENVS[key] = env
+    return env
+
+
+def _close_read_env(path: Path) -> None:
+    env = _READ_ENVS.pop(os.path.realpath(path), None)
+    if env is not None and os.getpid() == _READ_ENVS_PID:
+        env.close()
+
+
 class CacheWriter:
     """Writes records of one shape and dtype, then the ``__meta__`` record on close.
 
@@ -55,6 +82,7 @@ class CacheWriter:
             raise CacheError(f"{self.path}: unsupported dtype {dtype!r} (use one of {list(_TORCH_DTYPES)})")
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self.kind, self.layers, self.extra = kind, list(layers or []), dict(extra_meta or {})
+        _close_read_env(self.path)  # readers in this process reopen after the write
         self.env = lmdb.open(str(self.path), map_size=map_size, subdir=True, readahead=False, meminit=False)
         old = self._read_meta()
         if old is not None and (tuple(old["shape"]) != self.shape or old["dtype"] != self.dtype.name):
@@ -129,8 +157,6 @@ class CacheReader:
         self.path = Path(path)
         if not self.path.exists():
             raise CacheError(f"cache {str(self.path)!r} does not exist")
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
         with self.env.begin() as txn:
             raw = txn.get(META_KEY)
         if raw is None:
@@ -159,17 +185,7 @@ class CacheReader:
 
     @property
     def env(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
-            # A forked worker must not use its parent's handle: open a fresh one in this process.
-            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False,
-                                  subdir=self.path.is_dir(), max_readers=1024)
-            self._pid = os.getpid()
-        return self._env
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_env"], state["_pid"] = None, -1
-        return state
+        return _read_env(self.path)
 
     def __len__(self) -> int:
         return int(self.meta.get("count", 0))
@@ -204,9 +220,7 @@ class CacheReader:
             return [k.decode() for k in txn.cursor().iternext(values=False) if k != META_KEY]
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        _close_read_env(self.path)
 
 
 def load_clip_table(path: str | os.PathLike, num_rows: int | None = None, dim: int | None = None) -> torch.Tensor:

@@ -1,0 +1,173 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from repa_fast.losses import SD15Loss, manifold_gram_loss, sd15_alphas_cumprod, token_loss
+from repa_fast.models import SD15UNetAligned, build_unet
+
+
+def np_unit(v):
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.maximum(n, 1e-12)
+
+
+def np_token_loss(x, y):
+    B, N, _ = x.shape
+    total = 0.0
+    for b in range(B):
+        for n in range(N):
+            total += 1.0 - float(np_unit(x[b, n]) @ np_unit(y[b, n]))
+    return total / (B * N)
+
+
+def np_gram_loss(x, y, upper_only, mask_diag):
+    p = np_unit(np_unit(x).mean(axis=1))
+    q = np_unit(np_unit(y).mean(axis=1))
+    B = x.shape[0]
+    terms = []
+    for b in range(B):
+        for c in range(B):
+            if (upper_only and c < b) or (mask_diag and b == c):
+                continue
+            terms.append((float(p[b] @ p[c]) - float(q[b] @ q[c])) ** 2)
+    return sum(terms) / len(terms) if terms else 0.0
+
+
+@pytest.mark.parametrize("upper_only,mask_diag", list(itertools.product([False, True], repeat=2)))
+@pytest.mark.parametrize("B", [1, 3, 6])
+def test_losses_equal_float64_computation(B, upper_only, mask_diag):
+    rng = np.random.default_rng(B)
+    x = rng.standard_normal((B, 7, 12))
+    y = rng.standard_normal((B, 7, 12)) + 0.3 * x
+    x[0, 2] = 0.0  # a zero-norm token row: cosine 0, no NaN
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    lt = token_loss(xt, yt)
+    lm = manifold_gram_loss(xt, yt, upper_only, mask_diag)
+    assert lt.dtype == lm.dtype == torch.float32 and lm.ndim == 0
+    assert math.isclose(lt.item(), np_token_loss(x, y), rel_tol=1e-6)
+    assert math.isclose(lm.item(), np_gram_loss(x, y, upper_only, mask_diag), rel_tol=1e-5, abs_tol=1e-7)
+
+
+def test_source_manifold_test_and_b1_is_zero_not_nan():
+    loss = manifold_gram_loss(torch.randn(4, 256, 1024), torch.randn(4, 256, 1024))
+    assert loss.ndim == 0 and loss.item() >= 0
+    for mask_diag in (False, True):
+        x = torch.randn(1, 5, 8, requires_grad=True)
+        loss = manifold_gram_loss(x, torch.randn(1, 5, 8), mask_diag=mask_diag)
+        loss.backward()
+        # one sample: both Grams are [[1]] (up to fp32 rounding); masked, no entry is kept at all
+        assert loss.item() == (0.0 if mask_diag else pytest.approx(0.0, abs=1e-12))
+        assert torch.isfinite(x.grad).all()
+
+
+def test_zero_rows_give_finite_gradients():
+    x = torch.zeros(2, 3, 4, requires_grad=True)
+    y = torch.randn(2, 3, 4)
+    (token_loss(x, y) + manifold_gram_loss(x, y)).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_identical_tokens_give_zero_alignment_loss():
+    x = torch.randn(4, 9, 16)
+    assert token_loss(x, 2 * x).item() == pytest.approx(0.0, abs=1e-6)
+    assert manifold_gram_loss(x, x * 3).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def setup_path(path_type, prediction, B=5):
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(B, 4, 8, 8, generator=g), torch.randn(B, 4, 8, 8, generator=g)
+    loss = SD15Loss(prediction=prediction, path_type=path_type)
+    t = loss.sample_time(B, generator=g)
+    return loss, x0, eps, t
+
+
+@pytest.mark.parametrize("prediction", ["v", "epsilon"])
+def test_linear_path(prediction):
+    loss, x0, eps, t = setup_path("linear", prediction)
+    assert t.dtype == torch.float32 and ((t > 0) & (t < 1)).all()
+    x_t, target, unet_t = loss.interpolate(x0, eps, t)
+    tt = t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (1 - tt) * x0 + tt * eps)
+    torch.testing.assert_close(target, eps - x0 if prediction == "v" else eps)
+    torch.testing.assert_close(unet_t, 999 * t)
+
+
+@pytest.mark.parametrize("prediction", ["v", "epsilon"])
+def test_cosine_path_v_is_the_time_derivative(prediction):
+    loss, x0, eps, t = setup_path("cosine", prediction)
+    x_t, target, _ = loss.interpolate(x0, eps, t)
+    tt = t.double().view(-1, 1, 1, 1)
+    expected = torch.cos(math.pi / 2 * tt) * x0.double() + torch.sin(math.pi / 2 * tt) * eps.double()
+    torch.testing.assert_close(x_t, expected.float())
+    if prediction == "v":
+        h = 1e-6
+
+        def path(s):
+            return torch.cos(math.pi / 2 * s) * x0.double() + torch.sin(math.pi / 2 * s) * eps.double()
+
+        derivative = (path(tt + h) - path(tt - h)) / (2 * h)
+        torch.testing.assert_close(target, derivative.float(), atol=1e-4, rtol=1e-4)
+    else:
+        torch.testing.assert_close(target, eps)
+
+
+@pytest.mark.parametrize("prediction", ["v", "epsilon"])
+def test_ddpm_path_matches_diffusers(prediction):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          num_train_timesteps=1000)
+    torch.testing.assert_close(sd15_alphas_cumprod().float(), sched.alphas_cumprod)
+    loss, x0, eps, t = setup_path("ddpm", prediction)
+    assert t.dtype == torch.int64 and ((t >= 0) & (t <= 999)).all()
+    x_t, target, unet_t = loss.interpolate(x0, eps, t)
+    torch.testing.assert_close(x_t, sched.add_noise(x0, eps, t))
+    expected = sched.get_velocity(x0, eps, t) if prediction == "v" else eps
+    torch.testing.assert_close(target, expected)
+    assert torch.equal(unet_t, t)
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine", "ddpm"])
+def test_lognormal_times(path_type):
+    loss = SD15Loss(path_type=path_type, weighting="lognormal")
+    t = loss.sample_time(20000, generator=torch.Generator().manual_seed(0))
+    if path_type == "ddpm":
+        assert t.min() >= 0 and t.max() <= 999
+        assert abs(t.float().median().item() - 500) < 25  # sigmoid of N(0,1) has median 1/2
+    else:
+        assert ((t > 0) & (t < 1)).all()
+        assert abs(t.median().item() - 0.5) < 0.02
+
+
+def test_bad_option_names_it():
+    with pytest.raises(ValueError, match="path_type"):
+        SD15Loss(path_type="edm")
+
+
+def test_sd15_loss_dict_composes_the_terms():
+    torch.manual_seed(0)
+    model = SD15UNetAligned(build_unet("tiny"), ["mid", "dec_first"], D=64, num_tokens=16)
+    B = 3
+    x0, ehs = torch.randn(B, 4, 32, 32), torch.randn(B, 77, 32)
+    dino = {"mid": torch.randn(B, 16, 64).half(), "dec_first": torch.randn(B, 16, 64).half()}
+    noise, t = torch.randn(B, 4, 32, 32), torch.tensor([0.1, 0.5, 0.9])
+    crit = SD15Loss(align_coeff=0.8, manifold_coeff=3.0)
+    out = crit(model, x0, dino, ehs, timesteps=t, noise=noise)
+    assert set(out) == {"loss", "loss_diff", "loss_token", "loss_manifold", "loss_align"}
+    with torch.no_grad():
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        pred = model(x_t, 999 * t, ehs)
+        tokens = model.get_aligned_tokens()
+    torch.testing.assert_close(out["loss_diff"], ((pred - (noise - x0)) ** 2).mean())
+    lt = (token_loss(tokens["mid"], dino["mid"]) + token_loss(tokens["dec_first"], dino["dec_first"])) / 2
+    lm = (manifold_gram_loss(tokens["mid"], dino["mid"])
+          + manifold_gram_loss(tokens["dec_first"], dino["dec_first"])) / 2
+    torch.testing.assert_close(out["loss_token"], lt)
+    torch.testing.assert_close(out["loss_manifold"], lm)
+    torch.testing.assert_close(out["loss_align"], lt + 3.0 * lm)
+    torch.testing.assert_close(out["loss"], out["loss_diff"] + 0.8 * (lt + 3.0 * lm))
+    with pytest.raises(KeyError, match="dec_first"):
+        crit(model, x0, {"mid": dino["mid"]}, ehs)

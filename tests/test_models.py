@@ -1,0 +1,158 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from repa_fast.losses import manifold_gram_loss, token_loss
+from repa_fast.models import AlignHead, HookManager, SD15UNetAligned, build_unet, lora_config, lora_target_modules
+from repa_fast.models.unet import LORA_PREFIXES
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    return build_unet("tiny")
+
+
+def fresh_tiny(tiny_unet):
+    unet = build_unet("tiny")
+    unet.load_state_dict(tiny_unet.state_dict())
+    return unet
+
+
+def tiny_inputs(B=2):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(B, 4, 32, 32, generator=g), torch.randint(0, 1000, (B,), generator=g),
+            torch.randn(B, 77, 32, generator=g))
+
+
+def test_align_head_source_test_on_16x16_grid():
+    head = AlignHead(in_ch=1280, D=1024)
+    tokens = head(torch.randn(2, 1280, 8, 8))
+    assert tokens.shape == (2, 256, 1024)
+    assert torch.allclose(tokens.norm(dim=-1), torch.ones(2, 256), atol=1e-5)
+
+
+def test_align_head_math_and_grid():
+    torch.manual_seed(0)
+    head = AlignHead(in_ch=16, D=64, num_tokens=64).double()
+    feat = torch.randn(3, 16, 4, 4, dtype=torch.float64)
+    conv, gn = head.proj[0], head.proj[1]
+    x = F.gelu(F.group_norm(F.conv2d(feat, conv.weight), 32, gn.weight, gn.bias, gn.eps))
+    x = F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
+    x = x.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(head(feat), x / x.norm(dim=-1, keepdim=True))
+    same = AlignHead(in_ch=16, D=64, num_tokens=16).double()  # map already 4x4: no resampling
+    assert same(feat).shape == (3, 16, 64)
+    with pytest.raises(ValueError, match="square"):
+        AlignHead(16, 64, num_tokens=200)
+    with pytest.raises(ValueError, match=r"\[B,16,H,W\]"):
+        head(torch.randn(2, 8, 4, 4, dtype=torch.float64))
+
+
+def test_hook_manager_errors_name_the_layer():
+    lin = torch.nn.Linear(3, 3)
+    hooks = HookManager()
+    hooks.register_hook(lin, "mid")
+    with pytest.raises(KeyError, match="'mid'.*forward"):
+        hooks.get_feature("mid")
+    with pytest.raises(KeyError, match="'enc_last'.*registered"):
+        hooks.get_feature("enc_last")
+    out = lin(torch.randn(2, 3, requires_grad=True))
+    assert hooks.get_feature("mid") is out and hooks.get_feature("mid").requires_grad
+    assert hooks.pop_feature("mid") is out
+    with pytest.raises(KeyError):
+        hooks.pop_feature("mid")
+    lin(torch.randn(2, 3))
+    hooks.clear()
+    assert not hooks.features
+    hooks.remove_all_hooks()
+    lin(torch.randn(2, 3))
+    assert not hooks.features
+
+
+def test_sd15_unet_aligned_shapes_all_layers(tiny_unet):
+    model = SD15UNetAligned(fresh_tiny(tiny_unet), ["enc_last", "mid", "dec_first"], D=64, num_tokens=64)
+    out = model(*tiny_inputs())
+    assert out.shape == (2, 4, 32, 32)
+    tokens = model.get_aligned_tokens()
+    assert set(tokens) == {"enc_last", "mid", "dec_first"}
+    for t in tokens.values():
+        assert t.shape == (2, 64, 64)
+    # channel counts come from the U-Net (128 in the tiny one), not an assumed 1280
+    assert all(h.in_ch == 128 for h in model.align_heads.values())
+    model.clear_features()
+    with pytest.raises(KeyError, match="no feature captured for layer 'enc_last'"):
+        model.get_aligned_tokens()
+    with pytest.raises(ValueError, match="middle"):
+        SD15UNetAligned(fresh_tiny(tiny_unet), ["middle"], D=64)
+
+
+@pytest.mark.slow
+def test_source_design_unet_test_full_sd15_config():
+    torch.manual_seed(0)
+    model = SD15UNetAligned(build_unet("sd15"), align_layers=["mid"], D=1024)
+    assert model.align_heads["mid"].in_ch == 1280
+    with torch.no_grad():
+        out = model(torch.randn(1, 4, 64, 64), torch.randint(0, 1000, (1,)), torch.randn(1, 77, 768))
+        tokens = model.get_aligned_tokens()
+    assert out.shape == (1, 4, 64, 64)
+    assert tokens["mid"].shape == (1, 256, 1024)
+    assert torch.allclose(tokens["mid"].norm(dim=-1), torch.ones(1, 256), atol=1e-5)
+    # LoRA targets of the real topology: 8 attention projections in mid_block + 17 resnet convs
+    assert len(lora_target_modules(model.unet, "attention-only")) == 8
+    assert len(lora_target_modules(model.unet, "attn+conv")) == 25
+
+
+@pytest.mark.parametrize("targets,expected", [("attention-only", 8), ("attn+conv", 25)])
+def test_lora_wraps_exactly_the_whitelisted_modules(tiny_unet, targets, expected):
+    unet = fresh_tiny(tiny_unet)
+    names = lora_target_modules(unet, targets)
+    assert len(names) == expected == len(set(names))
+    assert all(n.startswith(tuple(p + "." for p in LORA_PREFIXES)) for n in names)
+    model = SD15UNetAligned(unet, ["mid"], D=64, num_tokens=64, lora_config=lora_config(unet, 4, lora_targets=targets))
+    wrapped = sorted(n for n, m in model.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0)
+    assert wrapped == sorted(names)
+    if targets == "attention-only":
+        assert all(".attentions." in n for n in wrapped)
+
+
+def test_alignment_loss_reaches_lora_of_hooked_block(tiny_unet):
+    unet = fresh_tiny(tiny_unet)
+    model = SD15UNetAligned(unet, ["mid"], D=64, num_tokens=64, lora_config=lora_config(unet, 4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("align_heads.") for n in trainable)
+    assert any(n.startswith("align_heads.") for n in trainable)
+
+    model(*tiny_inputs())
+    pred = model.get_aligned_tokens()["mid"]
+    target = torch.randn_like(pred)
+    (token_loss(pred, target) + manifold_gram_loss(pred, target)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    mid_lora_b = [g for n, g in grads.items() if n.startswith("unet.mid_block") and "lora_B" in n]
+    assert mid_lora_b and all(g is not None and g.abs().sum() > 0 for g in mid_lora_b)
+    # up_blocks.0 runs after the hooked block: the alignment loss alone cannot reach it
+    after = [g for n, g in grads.items() if n.startswith("unet.up_blocks.0") and "lora_" in n]
+    assert after and all(g is None or g.abs().sum() == 0 for g in after)
+
+
+def test_detach_ablation_stops_the_alignment_gradient(tiny_unet):
+    unet = fresh_tiny(tiny_unet)
+    model = SD15UNetAligned(unet, ["mid"], D=64, num_tokens=64, lora_config=lora_config(unet, 4),
+                            detach_features=True)
+    model(*tiny_inputs())
+    pred = model.get_aligned_tokens()["mid"]
+    token_loss(pred, torch.randn_like(pred)).backward()
+    lora = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert all(g is None or g.abs().sum() == 0 for g in lora)
+
+
+def test_build_unet_from_local_folder(tmp_path, tiny_unet):
+    tiny_unet.save_pretrained(tmp_path / "sd" / "unet")
+    loaded = build_unet(str(tmp_path / "sd"))
+    for (n, a), (_, b) in zip(tiny_unet.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    with pytest.raises(FileNotFoundError, match="model"):
+        build_unet(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_unet(str(tmp_path / "empty"))
