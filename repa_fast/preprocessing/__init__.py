@@ -20,5 +20,6 @@ per GPU:
         CUDA_VISIBLE_DEVICES=$i python -m repa_fast.preprocessing.build_dino_cache ... --shard $i/4 &
     done; wait
 
-The shards together write the same keys and bytes as one unsharded run.
+The shards together write the same keys and bytes as one unsharded run with the same --batch-size
+(batched CPU convolutions can differ in the last bit between batch sizes).
 """

@@ -62,33 +62,45 @@ def _config(spec: str):
     return AutoConfig.for_model(model_type, **values)
 
 
-def convert_original_state_dict(state: dict, num_layers: int, hidden: int) -> dict:
-    """facebookresearch/dinov2 parameter names -> transformers' Dinov2Model names (the mapping of
-    transformers' convert_dinov2_to_hf.py; the fused qkv is split)."""
+def convert_original_state_dict(state: dict, model_keys) -> dict:
+    """facebookresearch/dinov2 parameter names -> the names of the transformers model whose state-dict
+    keys are ``model_keys`` (the mapping of transformers' convert_dinov2_to_hf.py; the fused qkv is
+    split). transformers 5 names the attention projections q_proj/k_proj/v_proj/o_proj, earlier
+    releases attention.{query,key,value} and output.dense."""
+    if "encoder.layer.0.attention.q_proj.weight" in model_keys:
+        qkv_names, proj = ("attention.q_proj", "attention.k_proj", "attention.v_proj"), "attention.o_proj"
+    else:
+        qkv_names = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+        proj = "attention.output.dense"
     renames = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
                "pos_embed": "embeddings.position_embeddings", "register_tokens": "embeddings.register_tokens",
                "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
                "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
                "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
-    for i in range(num_layers):
-        old, new = f"blocks.{i}.", f"encoder.layer.{i}."
-        for a, b in (("norm1", "norm1"), ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"),
-                     ("attn.proj", "attention.output.dense")):
-            for p in ("weight", "bias"):
-                renames[f"{old}{a}.{p}"] = f"{new}{b}.{p}"
-        renames[f"{old}ls1.gamma"] = f"{new}layer_scale1.lambda1"
-        renames[f"{old}ls2.gamma"] = f"{new}layer_scale2.lambda1"
+    block_renames = {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+                     "attn.proj": proj, "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}
     out = {}
     for key, value in state.items():
-        if key.endswith("mlp.w12.weight"):
+        if key in renames:
+            out[renames[key]] = value
+            continue
+        parts = key.split(".")
+        if parts[0] != "blocks":
+            out[key] = value  # left for load_state_dict to report
+            continue
+        block, name = f"encoder.layer.{parts[1]}", ".".join(parts[2:])
+        module, _, param = name.rpartition(".")
+        if module == "attn.qkv":
+            for new_name, chunk in zip(qkv_names, value.chunk(3), strict=True):
+                out[f"{block}.{new_name}.{param}"] = chunk
+        elif name in block_renames:  # ls1.gamma, ls2.gamma
+            out[f"{block}.{block_renames[name]}"] = value
+        elif module in block_renames:
+            out[f"{block}.{block_renames[module]}.{param}"] = value
+        elif module == "mlp.w12":
             raise ValueError("SwiGLU (ViT-g) checkpoints are not supported here: convert it to a transformers folder")
-        qkv = key.removesuffix(".weight").removesuffix(".bias")
-        if qkv.startswith("blocks.") and qkv.endswith(".attn.qkv"):
-            i, p = qkv.split(".")[1], key.rsplit(".", 1)[1]
-            for j, name in enumerate(("query", "key", "value")):
-                out[f"encoder.layer.{i}.attention.attention.{name}.{p}"] = value[j * hidden:(j + 1) * hidden]
         else:
-            out[renames.get(key, key)] = value
+            out[key] = value
     return out
 
 
@@ -117,7 +129,7 @@ def load_dino(spec: str, config_spec: str, device: torch.device, dtype: torch.dt
             if isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
         if any(key.startswith("blocks.") for key in state):
-            state = convert_original_state_dict(state, config.num_hidden_layers, config.hidden_size)
+            state = convert_original_state_dict(state, set(model.state_dict()))
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatches

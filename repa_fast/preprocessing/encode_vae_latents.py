@@ -42,8 +42,8 @@ def load_vae(path, device: torch.device, dtype: torch.dtype):
     else:
         raise FileNotFoundError(f"--vae {str(root)!r}: expected a diffusers AutoencoderKL folder (config.json) "
                                 f"or a pipeline folder with vae/config.json")
-    vae = AutoencoderKL.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False), str(folder.resolve())
+    vae = AutoencoderKL.from_pretrained(str(root), subfolder=subfolder, local_files_only=True, torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False), str(folder.resolve())
 
 
 def latent_shape(vae, size: int) -> tuple[int, int, int]:

@@ -3,7 +3,8 @@
 - Rows: ``id`` and ``img_path`` of the subset CSV; a relative ``img_path`` is resolved against
   ``--image-root`` (default: the CSV's folder).
 - Shards: ``--shard i/n`` takes rows ``i::n`` of the CSV (before anything is skipped), so the shards
-  partition the rows whatever is already done.
+  partition the rows whatever is already done. Shards may write into one LMDB at once: its map is
+  sized for the whole CSV up front, so no process has to grow it under the others.
 - Resume: a row whose records are all in the cache is skipped before its image is opened.
 - Images: the centre square of the image at full resolution, then one bicubic resize to
   ``size x size`` (RGB, uint8). The VAE and DINO see the same square at their own sizes, so DINO token
