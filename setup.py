@@ -16,6 +16,7 @@ setup(
         "repa_fast.models",
         "repa_fast.data",
         "repa_fast.kernels",
+        "repa_fast.preprocessing",
     ],
     package_dir={"repa_fast.kernels": "kernels"},
     # Ranges that torch 2.13.0 satisfies: install torch first (the Makefile does) so that pip never
@@ -31,10 +32,18 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        "tensorboard>=2.10",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "repa-fast-train = repa_fast.train:main",
+        "repa-fast-evaluate = repa_fast.evaluate:main",
+        "repa-fast-sample-subset = repa_fast.preprocessing.sample_subset:main",
+        "repa-fast-encode-vae = repa_fast.preprocessing.encode_vae_latents:main",
+        "repa-fast-build-dino = repa_fast.preprocessing.build_dino_cache:main",
+        "repa-fast-prepare-clip = repa_fast.preprocessing.prepare_clip_embeddings:main",
+    ]},
 )

@@ -151,9 +151,9 @@ def test_sd15_loss_dict_composes_the_terms():
     torch.manual_seed(0)
     model = SD15UNetAligned(build_unet("tiny"), ["mid", "dec_first"], D=64, num_tokens=16)
     B = 3
-    x0, ehs = torch.randn(B, 4, 32, 32), torch.randn(B, 77, 32)
+    x0, ehs = torch.randn(B, 4, 16, 16), torch.randn(B, 77, 32)
     dino = {"mid": torch.randn(B, 16, 64).half(), "dec_first": torch.randn(B, 16, 64).half()}
-    noise, t = torch.randn(B, 4, 32, 32), torch.tensor([0.1, 0.5, 0.9])
+    noise, t = torch.randn(B, 4, 16, 16), torch.tensor([0.1, 0.5, 0.9])
     crit = SD15Loss(align_coeff=0.8, manifold_coeff=3.0)
     out = crit(model, x0, dino, ehs, timesteps=t, noise=noise)
     assert set(out) == {"loss", "loss_diff", "loss_token", "loss_manifold", "loss_align"}

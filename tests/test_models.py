@@ -21,7 +21,7 @@ def fresh_tiny(tiny_unet):
 
 def tiny_inputs(B=2):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(B, 4, 32, 32, generator=g), torch.randint(0, 1000, (B,), generator=g),
+    return (torch.randn(B, 4, 16, 16, generator=g), torch.randint(0, 1000, (B,), generator=g),
             torch.randn(B, 77, 32, generator=g))
 
 
@@ -73,7 +73,7 @@ def test_hook_manager_errors_name_the_layer():
 def test_sd15_unet_aligned_shapes_all_layers(tiny_unet):
     model = SD15UNetAligned(fresh_tiny(tiny_unet), ["enc_last", "mid", "dec_first"], D=64, num_tokens=64)
     out = model(*tiny_inputs())
-    assert out.shape == (2, 4, 32, 32)
+    assert out.shape == (2, 4, 16, 16)
     tokens = model.get_aligned_tokens()
     assert set(tokens) == {"enc_last", "mid", "dec_first"}
     for t in tokens.values():

@@ -1,7 +1,7 @@
 """Synthetic caches in the real formats, of any size: for tests, the demo and benchmarks.
 
     python -m repa_fast.data.synthetic OUT_DIR --samples 256 --classes 10 --layers mid \
-        --latent-shape 4,32,32 --tokens 64 --dim 64 --clip-dim 32
+        --latent-shape 4,16,16 --tokens 64 --dim 64 --clip-dim 32
 
 The DINO tokens are not noise: each class has a fixed random direction field, so a model can learn
 to align with them and the alignment loss falls in the demo.

@@ -35,7 +35,7 @@ SD15_UNET = dict(
     norm_num_groups=32,
 )
 # SD-1.5's topology at toy width: the stand-in for the 860M model in tests and the demo.
-TINY_UNET = dict(SD15_UNET, sample_size=32, block_out_channels=(32, 64, 128, 128), norm_num_groups=8,
+TINY_UNET = dict(SD15_UNET, sample_size=16, block_out_channels=(32, 64, 128, 128), norm_num_groups=8,
                  cross_attention_dim=32)
 
 

@@ -1,0 +1,181 @@
+"""The DeepSpeed launcher: two CPU ranks (gloo), ZeRO-2 and ZeRO-3, exact resume, LoRA export."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from repa_fast.config import ConfigError, load_config
+from repa_fast.data.synthetic import write_synthetic_caches
+from repa_fast.train import build_ds_config, check_compile_switch, resolve_ds_config_path
+
+TINY = "configs/tiny.yaml"
+
+
+def test_yaml_and_ds_config_cannot_disagree(tmp_path):
+    cfg = load_config(TINY, ["batch_size=6", "learning_rate=1e-3", "gradient_clip=0.5"])
+    ds = build_ds_config(cfg, "zero2", world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 6 and ds["train_batch_size"] == 24
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert build_ds_config(load_config(TINY, ["mixed_precision=bf16"]), "zero3", 1)["bf16"]["enabled"] is True
+
+    def write(**extra):
+        base = json.loads(resolve_ds_config_path("zero2").read_text())
+        base.update(extra)
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(base))
+        return str(path)
+
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu' is 16 but the YAML config gives 6"):
+        build_ds_config(cfg, write(train_micro_batch_size_per_gpu=16), 1)
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        build_ds_config(cfg, write(train_batch_size=12), 4)
+    with pytest.raises(ConfigError, match=r"'lr' is 0.01 but the YAML config gives 0.001"):
+        build_ds_config(cfg, write(optimizer={"type": "AdamW", "params": {"lr": 0.01}}), 1)
+    with pytest.raises(ConfigError, match="total_num_steps"):
+        build_ds_config(cfg, write(scheduler={"type": "WarmupCosineLR", "params": {"total_num_steps": 5}}), 1)
+    agreeing = build_ds_config(cfg, write(optimizer={"type": "AdamW", "params": {"lr": 1e-3}}), 1)
+    assert "optimizer" not in agreeing  # the launcher builds AdamW from the YAML
+    with pytest.raises(ConfigError, match="DeepCompile"):
+        build_ds_config(cfg, "zero2_deepcompile", 1)
+    with pytest.raises(ConfigError, match="not found"):
+        build_ds_config(cfg, "zero9", 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_deepcompile_without_cuda_is_a_clear_error():
+    with pytest.raises(ConfigError, match="deepcompile needs CUDA"):
+        check_compile_switch(load_config(TINY, ["compile=deepcompile"]))
+    r = subprocess.run([sys.executable, "-m", "repa_fast.train", "--config", TINY, "compile=deepcompile"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "deepcompile needs CUDA" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_key_on_the_command_line_stops_before_training():
+    r = subprocess.run([sys.executable, "-m", "repa_fast.train", "--config", TINY, "lerning_rate=1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "lerning_rate" in r.stderr and "learning_rate" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    paths = write_synthetic_caches(root, num_samples=96, num_classes=4, latent_shape=(4, 16, 16), num_tokens=64,
+                                   dino_D=64, clip_shape=(77, 32))
+    return [f"{k}={v}" for k, v in paths.items()]
+
+
+_PORT = [29650]
+
+
+def launch(out, data, *overrides, ds="zero2", env=None, resume=None, check=True):
+    _PORT[0] += 1
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_PORT[0]),
+           "--module", "repa_fast.train", "--config", TINY, "--ds-config", ds, "--output-dir", str(out),
+           "--report-to", "none", *(["--resume", resume] if resume else []), *data,
+           "batch_size=4", "learning_rate=3e-3", "log_interval=1", *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
+    if check and r.returncode != 0:
+        raise AssertionError(f"launcher failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def assert_loss_falls(rows):
+    first = sum(r["loss"] for r in rows[:5]) / 5
+    last = sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first, (first, last)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("straight")
+    launch(out, data, "max_steps=16", "save_interval=8")
+    return out
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_trains_and_exports(straight_run):
+    rows = read_log(straight_run)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert_loss_falls(rows)
+    assert rows[12]["epoch"] == 1  # 96 samples / 2 ranks / batch 4: 12 steps an epoch
+    ckpt = straight_run / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000016" and (ckpt / "step_00000008").is_dir()
+    for sub in ("lora", "lora_ema"):
+        assert (straight_run / sub / "pytorch_lora_weights.safetensors").is_file()
+        assert (straight_run / sub / "align_heads.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_trains(tmp_path, data):
+    launch(tmp_path, data, "max_steps=16", "save_interval=16", ds="zero3")
+    assert_loss_falls(read_log(tmp_path))
+    from safetensors.torch import load_file
+
+    live = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    ema = load_file(str(tmp_path / "lora_ema" / "pytorch_lora_weights.safetensors"))
+    assert live.keys() == ema.keys() and len(live) == 2 * 25  # gathered, not ZeRO-3 placeholders
+    assert all(v.numel() > 0 and torch.isfinite(v).all() for v in live.values())
+    assert any(not torch.equal(live[k], ema[k]) for k in live)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_uninterrupted_run(tmp_path, data, straight_run):
+    # Saves every 4 steps; dies while writing the step-12 checkpoint, after the DeepSpeed files are out.
+    r = launch(tmp_path, data, "max_steps=16", "save_interval=4", env={"REPA_FAST_FAULT": "save:12"},
+               check=False)
+    assert r.returncode != 0 and "dying at save step 12" in r.stderr
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "step_00000012").is_dir()  # written in part...
+    assert (ckpt / "latest").read_text() == "step_00000008"  # ...but never marked latest
+    launch(tmp_path, data, "max_steps=16", "save_interval=4", resume="latest")
+    straight, resumed = read_log(straight_run), read_log(tmp_path)
+    assert [r["step"] for r in resumed] == list(range(1, 17))
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["ids"] == b["ids"], a["step"]
+        for key in ("loss", "loss_diff", "loss_token", "loss_manifold"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
+    from safetensors.torch import load_file
+
+    for sub in ("lora", "lora_ema"):
+        x = load_file(str(straight_run / sub / "pytorch_lora_weights.safetensors"))
+        y = load_file(str(tmp_path / sub / "pytorch_lora_weights.safetensors"))
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_exported_lora_loads_into_a_diffusers_pipeline(straight_run):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from repa_fast.models import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny")
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=2, vocab_size=1000, max_position_embeddings=77))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet,
+                                   scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    x, t, ehs = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        before = pipe.unet(x, t, ehs).sample
+        pipe.load_lora_weights(str(straight_run / "lora"))
+        after = pipe.unet(x, t, ehs).sample
+    assert (after - before).abs().max() > 1e-4
+    live = load_file(str(straight_run / "lora" / "pytorch_lora_weights.safetensors"))
+    ema = load_file(str(straight_run / "lora_ema" / "pytorch_lora_weights.safetensors"))
+    assert live.keys() == ema.keys() and any(not torch.equal(live[k], ema[k]) for k in live)
+    heads = load_file(str(straight_run / "lora" / "align_heads.safetensors"))
+    assert set(heads) == {"mid.proj.0.weight", "mid.proj.1.weight", "mid.proj.1.bias"}
