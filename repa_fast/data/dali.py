@@ -3,34 +3,38 @@
 ``build_dali_loader`` takes ``build_torch_loader``'s arguments and yields the same batch dicts (see
 ``repa_fast.data.loader``) in the same order: this rank's slice of the epoch's global permutation
 (``rank_indices``), the last partial batch included, CFG dropout from (seed, epoch, index). One parallel
-``fn.external_source`` callback (``LMDBBatchSource``) reads a whole batch per call in a worker process;
-it opens the LMDB caches lazily in that process. Without a GPU (``device="cpu"``) the pipeline is CPU-only
-(``device_id=None``); on ``cuda:N`` the latent, tokens and class ids leave the pipeline with ``.gpu()``.
-The float outputs are fp16 (DALI has no bf16): ``dtype`` casts them on the device after the pipeline.
+``fn.external_source`` callback (``LMDBBatchSource``) reads a whole batch per call in a worker process,
+opening the LMDB caches there (never using a handle from the parent) and handing DALI views of the memory
+map, which DALI copies once into shared memory. Without a GPU (``device="cpu"``) the pipeline is CPU-only
+(``device_id=None``); on ``cuda:N`` latent, tokens and class ids leave the pipeline with ``.gpu()``. The
+float outputs are fp16 (DALI has no bf16): ``dtype`` casts them on the device after the pipeline.
 
 Shared memory (``/dev/shm``). Workers hand batches to the pipeline through shared-memory chunks, one per
-queue slot: ``prefetch`` slots that the pipeline keeps alive plus ``num_workers * prefetch`` batches in
-flight (the same number a torch DataLoader keeps). Per rank this is about
+queue slot: ``prefetch`` batches that the pipeline keeps alive plus ``num_workers * prefetch`` batches in
+flight (the number a torch DataLoader keeps in flight too). Per rank this is about
 
-    (prefetch + num_workers * prefetch) * batch_size * bytes_per_sample,
-    bytes_per_sample = 4*64*64*2 (latent) + len(align_layers) * 256*1024*2 (tokens) + 16 = 557,072 B (one layer)
+    (prefetch + num_workers * prefetch) * batch_size * bytes_per_sample
+    bytes_per_sample = 4*64*64*2 (latent) + len(align_layers) * 256*1024*2 (tokens) + 16 (index, class id)
+                     = 557,072 B with one align layer
 
 e.g. batch 48, one layer, num_workers 4, prefetch 2: 10 * 48 * 0.557 MB = 267 MB per rank, 2.1 GB for 8
-ranks. The chunks are sized from the real record sizes (``bytes_per_sample_hint``), so they are not
-regrown during the run. Containers need ``--shm-size`` above that (Docker's default is 64 MB) or
-``--ipc=host``. ``num_workers`` and ``prefetch`` are the config keys of the same names.
+ranks (num_workers 2: 160 MB per rank). The chunks are sized from the real record sizes
+(``bytes_per_sample_hint``) and do not grow during the run. Containers need ``--shm-size`` above the sum
+over ranks (Docker's default is 64 MB) or ``--ipc=host``. Besides, the pipeline keeps ``prefetch`` finished
+batches in its own buffers: GPU memory on a GPU (53 MB at batch 48, one layer), host memory on the CPU,
+where the yielded tensors are those buffers (no copy) and stay valid while held. ``num_workers`` and
+``prefetch`` are the config keys of those names.
 
 Workers start with ``fork`` unless CUDA is already initialised in this process, then with ``spawn``
-(forking a process that holds a CUDA context is unsupported); the callback is picklable for that.
-A missing or short record raises ``CacheError`` in the worker; the loader re-raises it as a ``CacheError``
-that names the file and key.
+(forking a process that holds a CUDA context is unsupported); the callback is picklable for that. A missing
+or short record raises ``CacheError`` in the worker; the loader raises it again as a ``CacheError`` naming
+the file and key.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -42,8 +46,9 @@ from repa_fast.data.cache import CacheError, CacheReader, dino_key
 from repa_fast.data.dataset import EpochSampler, SD15AlignedDataset, apply_cfg_dropout, rank_indices
 from repa_fast.data.loader import batch_to
 
-# Pickled metadata and 128-byte alignment of each output array in a worker's shared-memory chunk.
-_SHM_SLACK_PER_BATCH = 16 * 1024
+# Shared-memory chunk room beyond the data: DALI pickles ~32 B of metadata per array of a batch (one per
+# sample and output) and a task record per batch.
+_SHM_META_PER_ARRAY, _SHM_META_PER_BATCH = 64, 4096
 
 _TORCH_OF_DALI = {types.DALIDataType.FLOAT16: torch.float16, types.DALIDataType.FLOAT: torch.float32,
                   types.DALIDataType.INT64: torch.int64}
@@ -52,10 +57,11 @@ _TORCH_OF_DALI = {types.DALIDataType.FLOAT16: torch.float16, types.DALIDataType.
 class LMDBBatchSource:
     """The external-source callback: this rank's batch ``info.iteration`` of epoch ``epoch + info.epoch_idx``.
 
-    Returns ``(index int64 [b], latent fp16 [b, *latent_shape], tokens fp16 [b, N, D] per layer,
-    class_id int64 [b])`` with ``b <= batch_size`` (the epoch's last batch may be partial) and raises
-    ``StopIteration`` past the end of the epoch. ``start`` samples of the slice are skipped in the first
-    epoch only (resume). A pure function of its arguments, so any worker can compute any batch.
+    Returns ``(index int64 [b], latents, tokens per layer, class_id int64 [b])`` where latents and tokens
+    are lists of ``b`` fp16 arrays ``latent_shape`` / ``[N, D]`` (views of the LMDB map) and ``b <=
+    batch_size`` (the epoch's last batch may be partial); raises ``StopIteration`` past the end of the
+    epoch. ``start`` samples of the slice are skipped in the first epoch only (resume). A pure function of
+    its arguments and ``info``, so any worker can compute any batch.
     """
 
     def __init__(self, ids: list[str], class_ids: np.ndarray, latents: CacheReader, dino: CacheReader,
@@ -71,9 +77,8 @@ class LMDBBatchSource:
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.epoch, self.start, self.shuffle, self.drop_last = epoch, start, shuffle, drop_last
         self._pid = -1
+        self._txns: tuple | None = None  # ((envs), (transactions)): one read transaction per cache
         self._indices: tuple[int, np.ndarray] | None = None  # (epoch_idx, this rank's indices from start)
-        self._free: list[tuple[np.ndarray, ...]] = []
-        self._lent: list[tuple[tuple[np.ndarray, ...], list[weakref.ref]]] = []
 
     @classmethod
     def from_dataset(cls, dataset: SD15AlignedDataset, batch_size: int, **kwargs) -> LMDBBatchSource:
@@ -82,7 +87,7 @@ class LMDBBatchSource:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_pid=-1, _indices=None, _free=[], _lent=[])
+        state.update(_pid=-1, _txns=None, _indices=None)
         return state
 
     @property
@@ -99,63 +104,69 @@ class LMDBBatchSource:
             self._indices = (epoch_idx, indices[self.start if epoch_idx == 0 else 0:])
         return self._indices[1]
 
-    def _buffers(self) -> tuple[np.ndarray, ...]:
-        """Batch arrays to fill. DALI serialises a returned batch in a worker thread after the callback
-        returns, so a buffer is reused only once the views handed out from it have been released."""
-        still_lent = []
-        for bufs, views in self._lent:
-            (still_lent if any(view() is not None for view in views) else self._free).append((bufs, views))
-        self._lent = still_lent
-        if self._free:
-            return self._free.pop()[0]
-        b = self.batch_size
-        return (np.empty((b, *self.latent_shape), np.float16),
-                *(np.empty((b, *self.token_shape), np.float16) for _ in self.align_layers))
+    def _transactions(self) -> tuple:
+        """Read transactions on both caches, opened once per process and kept: the caches do not change
+        while training reads them, and a record's memory-mapped bytes stay valid while its transaction is
+        open, which lets a worker return views of the map (DALI copies them into shared memory after the
+        callback returns, in another thread)."""
+        envs = (self.latents.env, self.dino.env)  # the readers reopen them in a new process, after close()
+        if self._txns is None or self._pid != os.getpid() or self._txns[0] != envs:
+            self._txns = (envs, tuple(env.begin(buffers=True) for env in envs))
+            self._pid = os.getpid()
+        return self._txns[1]
 
-    def __call__(self, info) -> tuple[np.ndarray, ...]:
-        epoch_idx, iteration = (info.epoch_idx, info.iteration) if hasattr(info, "epoch_idx") else (0, int(info))
+    def _view(self, reader: CacheReader, txn, key: str) -> np.ndarray:
+        buf = txn.get(key.encode())
+        reader._check(key, buf)  # a missing or short record names its file and key
+        return np.frombuffer(buf, dtype=reader.dtype).reshape(reader.shape)
+
+    def __call__(self, info) -> tuple:
+        # BatchInfo (batch_info=True); a plain iteration number otherwise
+        epoch_idx, iteration = (info.epoch_idx, info.iteration) if hasattr(info, "epoch_idx") else (0, info)
         indices = self.epoch_indices(epoch_idx)
         lo = iteration * self.batch_size
         hi = min(lo + self.batch_size, len(indices))
         if lo >= hi or (self.drop_last and hi - lo < self.batch_size):
             raise StopIteration
         batch = indices[lo:hi]
-        if self._pid != os.getpid():  # buffers are per process
-            self._pid, self._free, self._lent = os.getpid(), [], []
-        bufs = self._buffers()
-        views = tuple(buf[: len(batch)] for buf in bufs)
-        latent, tokens = views[0], views[1:]
-        for j, index in enumerate(batch):
-            sample_id = self.ids[index]
-            self.latents.read_into(sample_id, torch.from_numpy(latent[j]))
-            for layer, out in zip(self.align_layers, tokens, strict=True):
-                self.dino.read_into(dino_key(sample_id, layer), torch.from_numpy(out[j]))
-        self._lent.append((bufs, [weakref.ref(view) for view in views]))
+        latent_txn, dino_txn = self._transactions()
+        ids = [self.ids[i] for i in batch]
+        # A batch is a list of per-sample arrays: views of the LMDB map, copied once, into shared memory.
+        latent = [self._view(self.latents, latent_txn, sample_id) for sample_id in ids]
+        tokens = [[self._view(self.dino, dino_txn, dino_key(sample_id, layer)) for sample_id in ids]
+                  for layer in self.align_layers]
         class_id = apply_cfg_dropout(self.class_ids[batch], self.seed, self.epoch + epoch_idx, batch,
                                      self.cfg_dropout, self.null_class)
-        return (np.ascontiguousarray(batch, dtype=np.int64), *views, class_id.astype(np.int64))
+        return (np.ascontiguousarray(batch, dtype=np.int64), latent, *tokens, class_id.astype(np.int64))
+
+    def close(self) -> None:
+        if self._txns is not None and self._pid == os.getpid():
+            for txn in self._txns[1]:
+                txn.abort()
+        self._txns = None
 
 
-def _close_parent_envs(dataset: SD15AlignedDataset) -> None:
-    """Close the dataset's LMDB handles in this process before workers fork (they reopen lazily here).
+def _close_parent_handles(dataset: SD15AlignedDataset) -> None:
+    """Close this process's LMDB handles on the caches before workers fork (they reopen lazily here).
 
-    py-lmdb >= 3 refuses to open an environment that is "already open in this process", and a forked
-    child inherits the parent's registry of open environments, so a worker could not open the caches.
+    A forked worker cannot open an environment whose parent handle it still references (py-lmdb: "already
+    open in this process"); the cache module drops its own references in a child, but a transaction kept
+    by another loader's in-process source would keep one alive.
     """
     dataset.latents.close()
     dataset.dino.close()
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """Copy a dense DALI TensorList (CPU or GPU) into a new torch tensor on ``device``."""
+    """A dense DALI TensorList as a torch tensor on ``device``: on the CPU the pipeline's own buffer (dlpack,
+    no copy; the tensor keeps it alive), on the GPU a copy on torch's current stream."""
+    if device.type == "cpu":
+        return torch.from_dlpack(tensor_list.as_tensor())
     shape = [len(tensor_list), *tensor_list.shape()[0]] if len(tensor_list) else [0]
     out = torch.empty(shape, dtype=_TORCH_OF_DALI[tensor_list.dtype], device=device)
-    pointer = ctypes.c_void_p(out.data_ptr())
-    if device.type == "cuda":
-        stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
-        tensor_list.copy_to_external(pointer, stream, non_blocking=True)
-    else:
-        tensor_list.copy_to_external(pointer)
+    # as DALI's own torch plugin does (feed_ndarray); run() returned host-synchronous outputs
+    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    tensor_list.copy_to_external(ctypes.c_void_p(out.data_ptr()), stream, non_blocking=True)
     return out
 
 
@@ -207,6 +218,7 @@ class DaliLoader:
         self.start_method = start_method
         self._pipe: Pipeline | None = None
         self._pipe_at: tuple[int, int] | None = None  # (epoch, start) that the pipeline yields next
+        self._source: LMDBBatchSource | None = None
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -215,41 +227,46 @@ class DaliLoader:
         samples = len(EpochSampler(len(self.dataset), rank=self.rank, world=self.world, start=self.start))
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
 
-    def _source(self, epoch: int, start: int) -> LMDBBatchSource:
+    def _make_source(self, epoch: int, start: int) -> LMDBBatchSource:
         return LMDBBatchSource.from_dataset(self.dataset, self.batch_size, rank=self.rank, world=self.world,
                                             epoch=epoch, start=start, shuffle=self.shuffle,
                                             drop_last=self.drop_last)
 
     def _build(self, epoch: int, start: int) -> Pipeline:
         self.close()
-        source = self._source(epoch, start)
+        source = self._make_source(epoch, start)
         parallel = self.num_workers > 0
         on_gpu = self.device.type == "cuda"
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
-            if on_gpu else None
+        device_id = None
+        if on_gpu:
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         method = self.start_method or ("spawn" if torch.cuda.is_initialized() else "fork")
         pipe = Pipeline(batch_size=self.batch_size, num_threads=1, device_id=device_id,
                         prefetch_queue_depth=self.prefetch, py_num_workers=max(1, self.num_workers),
-                        py_start_method=method)
+                        py_start_method=method, exec_dynamic=True)  # outputs stay valid while held
         layers = self.dataset.align_layers
         extra = {}
         if parallel:
+            meta = _SHM_META_PER_ARRAY * (3 + len(layers)) + -(-_SHM_META_PER_BATCH // self.batch_size)
             extra = {"parallel": True, "prefetch_queue_depth": self.num_workers * self.prefetch,
-                     "bytes_per_sample_hint": source.bytes_per_sample
-                     + -(-_SHM_SLACK_PER_BATCH // self.batch_size)}
+                     "bytes_per_sample_hint": source.bytes_per_sample + meta}
         with pipe:
             outputs = fn.external_source(
                 source=source, num_outputs=3 + len(layers), batch=True, batch_info=True,
                 dtype=[types.INT64, types.FLOAT16, *[types.FLOAT16] * len(layers), types.INT64],
                 ndim=[0, len(source.latent_shape), *[len(source.token_shape)] * len(layers), 0],
                 **extra)
-            if on_gpu:  # the index stays on the host: it becomes the id strings
-                outputs = [outputs[0], *(out.gpu() for out in outputs[1:])]
-            pipe.set_outputs(*outputs)
+            # A parallel source's outputs may alias the workers' shared-memory chunks (no_copy), which are
+            # reused after `prefetch` batches. A copy into DALI's own reference-counted buffers (host, or
+            # .gpu()), made by the pipeline ahead of the consumer, lets torch take the host ones without a
+            # copy (dlpack) and keep them. The index stays on the host: it becomes the id strings.
+            index, *rest = outputs
+            move = (lambda out: out.gpu()) if on_gpu else fn.copy
+            pipe.set_outputs(fn.copy(index), *(move(out) for out in rest))
         if parallel:
-            _close_parent_envs(self.dataset)
+            _close_parent_handles(self.dataset)  # workers fork in build()
         pipe.build()  # forks or spawns the workers now
-        self._pipe, self._pipe_at = pipe, (epoch, start)
+        self._pipe, self._pipe_at, self._source = pipe, (epoch, start), source
         return pipe
 
     def _batch(self, outputs) -> dict:
@@ -290,7 +307,10 @@ class DaliLoader:
 
     def close(self) -> None:
         """Stop the worker processes and free the shared memory."""
-        pipe, self._pipe, self._pipe_at = self._pipe, None, None
+        pipe, self._pipe, self._pipe_at = getattr(self, "_pipe", None), None, None
+        if getattr(self, "_source", None) is not None:  # its transactions, if it ran here (num_workers=0)
+            self._source.close()
+            self._source = None
         if pipe is not None:
             pipe._shutdown()  # stop the executor before the workers and their shared memory go
             if pipe._py_pool is not None:
@@ -306,9 +326,10 @@ def build_dali_loader(dataset: SD15AlignedDataset, batch_size: int, rank: int = 
                       dtype: torch.dtype | None = None, start_method: str | None = None) -> DaliLoader:
     """A DALI loader over this rank's slice of epoch ``epoch``, from sample ``start`` of that slice.
 
-    The arguments are ``build_torch_loader``'s (``pin_memory`` aside) plus ``device`` (``cpu`` or ``cuda:N``),
-    ``dtype`` for latent and tokens on that device, and the workers' ``start_method`` (``fork`` | ``spawn``;
-    default: ``spawn`` once CUDA is initialised). ``num_workers=0`` runs the callback in this process.
+    The arguments are ``build_torch_loader``'s (``pin_memory`` aside) plus ``device`` (``cpu`` or
+    ``cuda:N``), ``dtype`` for latent and tokens on that device, and the workers' ``start_method``
+    (``fork`` | ``spawn``; default: ``spawn`` once CUDA is initialised). ``num_workers=0`` runs the
+    callback in this process.
     """
-    return DaliLoader(dataset, batch_size, rank, world, epoch, start, num_workers, shuffle, drop_last, prefetch,
-                      device, dtype, start_method)
+    return DaliLoader(dataset, batch_size, rank, world, epoch, start, num_workers, shuffle, drop_last,
+                      prefetch, device, dtype, start_method)

@@ -42,7 +42,8 @@ class TorchLoader:
     """``build_torch_loader``'s DataLoader with the loader protocol: batches on ``device`` in ``dtype``,
     ``set_epoch(epoch, start=0)`` and ``len()`` (steps left in the epoch)."""
 
-    def __init__(self, loader: DataLoader, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, loader: DataLoader, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None):
         self.loader, self.device, self.dtype = loader, torch.device(device), dtype
 
     @property
@@ -80,11 +81,12 @@ def build_loader(config, dataset: SD15AlignedDataset, batch_size: int | None = N
     prefetch = config.prefetch if prefetch is None else prefetch
     if loader == "torch":
         pin = torch.device(device).type == "cuda"
-        return TorchLoader(build_torch_loader(dataset, batch_size, rank, world, epoch, start, num_workers, shuffle,
-                                              drop_last, prefetch, pin_memory=pin), device, dtype)
+        torch_loader = build_torch_loader(dataset, batch_size, rank, world, epoch, start, num_workers,
+                                          shuffle, drop_last, prefetch, pin_memory=pin)
+        return TorchLoader(torch_loader, device, dtype)
     if loader == "dali":
         from repa_fast.data.dali import build_dali_loader  # DALI is an optional dependency
 
-        return build_dali_loader(dataset, batch_size, rank, world, epoch, start, num_workers, shuffle, drop_last,
-                                 prefetch, device, dtype)
+        return build_dali_loader(dataset, batch_size, rank, world, epoch, start, num_workers, shuffle,
+                                 drop_last, prefetch, device, dtype)
     raise ValueError(f"option 'loader': {loader!r} is not one of ['torch', 'dali']")
