@@ -1,0 +1,151 @@
+"""Alignment loss (L_token + L_manifold) on the GPU: eager reference vs torch.compile vs the fused kernels.
+
+    python benchmarks/bench_align_loss.py --out benchmarks/results/align_loss_h200.json
+
+Times forward, backward and forward+backward with triton.testing.do_bench (median and 20/80% quantiles)
+and the peak memory of forward+backward above the inputs, at the real shape B=48, N=256, D=1024 with
+x bf16 (the AlignHead's tokens) and y fp16 (the DINO cache). Beside each time is the byte floor at
+~4.3 TB/s (the H200 copy rate measured in this workplace): forward must read x and y, backward must
+read them again and write dx. Writes one JSON row per (implementation, pass) with the GPU name, the
+date and the command. Needs CUDA; without it, says so and exits 0 (it is not part of CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import sys
+
+import torch
+
+COPY_BYTES_PER_S = 4.3e12  # H200 copy rate measured in this workplace (DESIGN.md)
+PASSES = ("forward", "backward", "full")
+
+
+def byte_floor_us(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    read = x.numel() * x.element_size() + y.numel() * y.element_size()
+    write_dx = x.numel() * x.element_size()
+    floors = {"forward": read, "backward": read + write_dx, "full": 2 * read + write_dx}
+    return {name: bytes_ / COPY_BYTES_PER_S * 1e6 for name, bytes_ in floors.items()}
+
+
+def implementations(upper_only: bool, mask_diag: bool):
+    """name -> f(x, y) returning (L_token, L_manifold)."""
+    from repa_fast.losses import alignment_losses
+
+    def eager(x, y):
+        return alignment_losses(x, y, upper_only, mask_diag, kernels="torch")
+
+    def fused(x, y):
+        return alignment_losses(x, y, upper_only, mask_diag, kernels="triton")
+
+    return {"eager": eager, "compiled": torch.compile(eager), "fused": fused}
+
+
+def measure(fn, x0: torch.Tensor, y: torch.Tensor, manifold_coeff: float, quantiles) -> dict:
+    from triton.testing import do_bench
+
+    x = x0.detach().clone().requires_grad_()
+
+    def forward():
+        lt, lm = fn(x, y)
+        return lt + manifold_coeff * lm
+
+    def full():
+        forward().backward()
+
+    for _ in range(3):  # compile, autotune, allocator warm-up
+        full()
+    backward = functools.partial(forward().backward, retain_graph=True)  # the same graph, again and again
+    row = {
+        "forward": do_bench(forward, quantiles=quantiles),
+        "backward": do_bench(backward, grad_to_none=[x], quantiles=quantiles),
+        "full": do_bench(full, grad_to_none=[x], quantiles=quantiles),
+    }
+    del backward  # frees the retained graph before the memory measurement
+    x.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    full()
+    torch.cuda.synchronize()
+    row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return row
+
+
+def check_agreement(impls, x0, y, manifold_coeff) -> dict[str, float]:
+    """Relative differences of each implementation's losses and dx from the eager reference."""
+    results = {}
+    for name, fn in impls.items():
+        x = x0.detach().clone().requires_grad_()
+        lt, lm = fn(x, y)
+        (lt + manifold_coeff * lm).backward()
+        results[name] = (lt.detach().double(), lm.detach().double(), x.grad.double())
+    ref = results["eager"]
+    return {name: max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(r, ref, strict=True))
+            for name, r in results.items() if name != "eager"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=False, help="JSON file for the result rows")
+    parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--upper-only", action="store_true")
+    parser.add_argument("--mask-diag", action="store_true")
+    parser.add_argument("--manifold-coeff", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_align_loss: needs a CUDA GPU (none found); nothing measured.")
+        return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("bench_align_loss: TRITON_INTERPRET=1 is set; unset it to time the compiled kernels.")
+        return 0
+    import triton
+
+    torch.manual_seed(0)
+    shape = (args.batch, args.tokens, args.dim)
+    x = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    y = (x.float() + torch.randn(shape, device="cuda")).to(torch.float16)
+    impls = implementations(args.upper_only, args.mask_diag)
+    floors = byte_floor_us(x, y)
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}; x {list(shape)} bf16, y fp16; upper_only={args.upper_only} mask_diag={args.mask_diag}")
+    for name, diff in check_agreement(impls, x, y, args.manifold_coeff).items():
+        print(f"  {name}: max relative difference from eager (losses, dx) = {diff:.2e}")
+
+    quantiles = [0.5, 0.2, 0.8]
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    rows = []
+    header = f"{'impl':<10}{'pass':<10}{'median us':>11}{'p20 us':>9}{'p80 us':>9}{'floor us':>10}{'peak MiB':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, fn in impls.items():
+        timing = measure(fn, x, y, args.manifold_coeff, quantiles)
+        for pass_name in PASSES:
+            median, p20, p80 = (1e3 * t for t in timing[pass_name])
+            peak = timing["peak_mib"] if pass_name == "full" else None
+            print(f"{name:<10}{pass_name:<10}{median:>11.1f}{p20:>9.1f}{p80:>9.1f}{floors[pass_name]:>10.1f}"
+                  f"{peak if peak is not None else float('nan'):>10.1f}")
+            rows.append({
+                "op": "align_loss", "impl": name, "pass": pass_name, "median_us": median, "p20_us": p20,
+                "p80_us": p80, "byte_floor_us": floors[pass_name], "peak_mib": peak, "gpu": gpu,
+                "shape": list(shape), "x_dtype": "bfloat16", "y_dtype": "float16",
+                "upper_only": args.upper_only, "mask_diag": args.mask_diag, "torch": torch.__version__,
+                "triton": triton.__version__, "date": stamp, "command": command,
+            })
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
