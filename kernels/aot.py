@@ -33,15 +33,22 @@ class KernelReport:
 
 
 def compile_for_h200(fn, signature: dict, constexprs: dict | None = None, num_warps: int = 4,
-                     num_stages: int = 3) -> KernelReport:
-    """Compile ``fn`` (a @triton.jit function) for GPUTarget("cuda", 90, 32) and inspect the result."""
+                     num_stages: int = 3, divisible: tuple[str, ...] = ()) -> KernelReport:
+    """Compile ``fn`` (a @triton.jit function) for GPUTarget("cuda", 90, 32) and inspect the result.
+
+    As the JIT does for 16-byte aligned tensors, every pointer argument is marked divisible by 16
+    (so loads vectorise as they will at run time); ``divisible`` names integer arguments (strides,
+    sizes) to mark likewise, for the shapes where they are multiples of 16.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     constexprs = dict(constexprs or {})
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
+             if ty.startswith("*") or name in divisible}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptxas = get_ptxas(90).path
@@ -74,7 +81,8 @@ def compile_for_h200(fn, signature: dict, constexprs: dict | None = None, num_wa
 
 
 def compile_for_h200_isolated(module: str, kernel: str, signature: dict, constexprs: dict | None = None,
-                              num_warps: int = 4, num_stages: int = 3, timeout: float = 600) -> KernelReport:
+                              num_warps: int = 4, num_stages: int = 3, timeout: float = 600,
+                              divisible: tuple[str, ...] = ()) -> KernelReport:
     """``compile_for_h200`` in a child process without TRITON_INTERPRET.
 
     Under the interpreter ``@triton.jit`` yields interpreted functions that cannot be compiled, and
@@ -84,7 +92,8 @@ def compile_for_h200_isolated(module: str, kernel: str, signature: dict, constex
     import sys
 
     spec = json.dumps({"module": module, "kernel": kernel, "signature": signature,
-                       "constexprs": constexprs or {}, "num_warps": num_warps, "num_stages": num_stages})
+                       "constexprs": constexprs or {}, "num_warps": num_warps, "num_stages": num_stages,
+                       "divisible": list(divisible)})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "repa_fast.kernels.aot", spec], capture_output=True,
                           text=True, env=env, timeout=timeout)
@@ -100,7 +109,8 @@ def _main(argv: list[str]) -> None:
 
     spec = json.loads(argv[0])
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    report = compile_for_h200(fn, spec["signature"], spec["constexprs"], spec["num_warps"], spec["num_stages"])
+    report = compile_for_h200(fn, spec["signature"], spec["constexprs"], spec["num_warps"], spec["num_stages"],
+                              tuple(spec["divisible"]))
     print(json.dumps(dataclasses.asdict(report)))
 
 

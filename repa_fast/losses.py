@@ -1,6 +1,7 @@
 """The reference losses: denoising (three noise paths) + token cosine + batch Gram ("manifold").
 
-This file is the definition the Triton kernels are tested against. Everything is computed in fp32.
+This file is the definition the Triton kernels are tested against. Everything is computed in fp32
+(or in float64 when given float64).
 
     L_token    = mean_{b,n} (1 - <x_bn/|x_bn|, y_bn/|y_bn|>)          (zero rows: cosine 0)
     p_b        = normalize(mean_n normalize(x_bn)),  q_b likewise from y
@@ -20,10 +21,15 @@ from repa_fast.config import use_triton
 NORM_EPS = 1e-12  # F.normalize's eps: a zero row stays zero instead of becoming NaN
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (float64 stays float64, so tests can run the reference in double)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def token_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """mean over b, n of 1 - cos(x_bn, y_bn); x, y: [B, N, D]."""
-    x = F.normalize(x.float(), dim=-1, eps=NORM_EPS)
-    y = F.normalize(y.float(), dim=-1, eps=NORM_EPS)
+    x = F.normalize(_fp32(x), dim=-1, eps=NORM_EPS)
+    y = F.normalize(_fp32(y), dim=-1, eps=NORM_EPS)
     return (1.0 - (x * y).sum(-1)).mean()
 
 
@@ -45,8 +51,8 @@ def manifold_gram_loss(x_tokens: torch.Tensor, y_tokens: torch.Tensor, upper_onl
     if x_tokens.shape != y_tokens.shape or x_tokens.ndim != 3:
         raise ValueError(f"manifold_gram_loss: x and y must both be [B,N,D], got {list(x_tokens.shape)} "
                          f"and {list(y_tokens.shape)}")
-    p = F.normalize(F.normalize(x_tokens.float(), dim=-1, eps=NORM_EPS).mean(1), dim=-1, eps=NORM_EPS)
-    q = F.normalize(F.normalize(y_tokens.float(), dim=-1, eps=NORM_EPS).mean(1), dim=-1, eps=NORM_EPS)
+    p = F.normalize(F.normalize(_fp32(x_tokens), dim=-1, eps=NORM_EPS).mean(1), dim=-1, eps=NORM_EPS)
+    q = F.normalize(F.normalize(_fp32(y_tokens), dim=-1, eps=NORM_EPS).mean(1), dim=-1, eps=NORM_EPS)
     diff = p @ p.T - q @ q.T
     keep = _gram_mask(p.shape[0], upper_only, mask_diag, p.device)
     kept = int(keep.sum())

@@ -46,9 +46,10 @@ def test_losses_equal_float64_computation(B, upper_only, mask_diag):
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     lt = token_loss(xt, yt)
     lm = manifold_gram_loss(xt, yt, upper_only, mask_diag)
-    assert lt.dtype == lm.dtype == torch.float32 and lm.ndim == 0
-    assert math.isclose(lt.item(), np_token_loss(x, y), rel_tol=1e-6)
-    assert math.isclose(lm.item(), np_gram_loss(x, y, upper_only, mask_diag), rel_tol=1e-5, abs_tol=1e-7)
+    assert lt.dtype == lm.dtype == torch.float64 and lm.ndim == 0
+    assert token_loss(xt.half(), yt.half()).dtype == torch.float32
+    assert math.isclose(lt.item(), np_token_loss(x, y), rel_tol=1e-12)
+    assert math.isclose(lm.item(), np_gram_loss(x, y, upper_only, mask_diag), rel_tol=1e-10, abs_tol=1e-15)
 
 
 def test_source_manifold_test_and_b1_is_zero_not_nan():
