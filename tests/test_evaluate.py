@@ -1,0 +1,290 @@
+"""Alignment metrics, t-SNE, loading a run folder, evaluate(), the launcher hook and sample grids."""
+
+import json
+import string
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repa_fast import evaluate as ev
+from repa_fast.config import Config
+from repa_fast.data.dataset import build_dataset
+from repa_fast.data.synthetic import write_synthetic_caches
+from repa_fast.losses import manifold_gram_loss
+
+LAYERS = ["mid"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI machine's cores are shared: oversubscribed thread pools crawl
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+
+SIZES = dict(k=10, cca_dims=8, tokens_per_sample=16)
+
+
+def _tokens(seed, B=256, N=16, D=32):
+    return torch.randn(B, N, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_identical_and_rotated_tokens_align_fully():
+    x = _tokens(0)
+    same = ev.alignment_metrics(x, x.clone(), **SIZES)
+    assert same["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert same["gram_loss"] == pytest.approx(0.0, abs=1e-10)
+    assert same["cknna"] > 0.999 and same["cca"] > 0.999
+    # an orthogonal map keeps every inner product: cosine is lost, the geometry is not
+    Q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)))
+    rotated = ev.alignment_metrics(x, x @ Q, **SIZES)
+    assert abs(rotated["cosine"]) < 0.2
+    assert rotated["gram_loss"] < 1e-10 and rotated["cknna"] > 0.999 and rotated["cca"] > 0.999
+
+
+def test_independent_tokens_score_at_chance():
+    for seed in range(3):
+        m = ev.alignment_metrics(_tokens(10 + seed), _tokens(20 + seed), **SIZES)
+        # measured chance levels at these sizes: CKNNA ~0.03 (n = 256 samples), CCA ~0.04 (4096 tokens)
+        assert abs(m["cosine"]) < 0.01
+        assert abs(m["cknna"]) < 0.1 and m["cca"] < 0.15
+        assert abs(m["cknna"] - m["cknna_chance"]) < 0.05 and abs(m["cca"] - m["cca_chance"]) < 0.05
+        assert m["gram_loss"] > 0.01
+
+
+def test_metrics_follow_the_noise_level_and_gram_loss_is_the_losses_one():
+    x = _tokens(0)
+    noise = _tokens(5)
+    runs = [ev.alignment_metrics(x, x + s * noise, **SIZES) for s in (0.3, 1.0, 3.0)]
+    for metric in ("cosine", "cknna", "cca"):
+        values = [r[metric] for r in runs]
+        assert values[0] > values[1] > values[2], (metric, values)
+    for metric in ("cknna", "cca"):
+        assert runs[0][metric] > runs[0][f"{metric}_chance"] + 0.3
+    assert runs[0]["gram_loss"] < runs[1]["gram_loss"] < runs[2]["gram_loss"]
+    y = x + noise
+    got = ev.alignment_metrics(x, y, **SIZES)["gram_loss"]
+    assert got == pytest.approx(float(manifold_gram_loss(x, y)), rel=1e-5)
+
+
+def test_metric_arguments_are_checked():
+    a = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="1 <= k <= n - 2"):
+        ev.cknna(a, a, k=7)
+    with pytest.raises(ValueError, match="n >= 4"):
+        ev.cknna(a[:3], a[:3], k=1)
+    with pytest.raises(ValueError, match="more rows than dims"):
+        ev.cca_score(a, a, dims=8)
+    with pytest.raises(ValueError, match="paired"):
+        ev.cca_score(a, a[:5], dims=2)
+
+
+# --- t-SNE -------------------------------------------------------------------------------------------
+
+def test_tsne_keeps_clusters_apart_and_writes_a_png(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    centers = 4.0 * torch.randn(3, 20, generator=g)
+    labels = torch.arange(3).repeat_interleave(30)
+    x = centers[labels] + torch.randn(90, 20, generator=g)
+    y = ev.tsne(x, perplexity=15, n_iter=300, early_iters=100)
+    assert y.shape == (90, 2) and torch.isfinite(y).all()
+    assert torch.equal(y, ev.tsne(x, perplexity=15, n_iter=300, early_iters=100))  # deterministic
+    d = torch.cdist(y, y).fill_diagonal_(float("inf"))
+    knn = d.topk(5, largest=False).indices
+    assert (labels[knn] == labels[:, None]).float().mean() > 0.95
+
+    pred, dino = torch.randn(60, 16, generator=g), torch.randn(60, 16, generator=g)
+    image = ev.tsne_plot(pred, dino, "mid", max_points=40, n_iter=150)
+    path = ev.save_png(image, tmp_path / "tsne.png")
+    with Image.open(path) as im:
+        assert im.size == (640, 640) and im.mode == "RGB"
+        pixels = np.asarray(im)
+    colors = {tuple(c) for c in pixels.reshape(-1, 3)[::7]}
+    assert len(colors) > 10  # points were drawn, not a blank canvas
+
+
+# --- a tiny run folder -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Synthetic caches, and a run folder as the launcher leaves it: config.json, lora/, lora_ema/."""
+    from repa_fast.export import export_weights
+    from repa_fast.models import build_aligned_unet
+
+    root = tmp_path_factory.mktemp("evaluate")
+    paths = write_synthetic_caches(root / "data", num_samples=20, num_classes=4, align_layers=LAYERS,
+                                   latent_shape=(4, 16, 16), num_tokens=64, dino_D=64, clip_shape=(77, 32))
+    run = root / "run"
+    config = Config(**paths, output_dir=str(run), model="tiny", align_layers=LAYERS, dino_D=64, dino_N=64,
+                    lora_rank=4, lora_alpha=8, mixed_precision="no", batch_size=4)
+    torch.manual_seed(config.seed)  # as the launcher builds the model
+    model = build_aligned_unet(config)
+    g = torch.Generator().manual_seed(1)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # stands in for training: LoRA B and the heads move away from their init
+        for p in trainable.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ema = {n: p.detach() + 0.02 * torch.randn(p.shape, generator=g) for n, p in trainable.items()}
+    export_weights(model, run / "lora")
+    export_weights(model, run / "lora_ema", weights=ema)
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    return {"root": root, "run": run, "config": config, "model": model, "ema": ema}
+
+
+def test_load_run_reproduces_the_trained_weights(tiny_run):
+    trained = dict(tiny_run["model"].named_parameters())
+    for weights in ("live", "ema"):
+        model, config = ev.load_run(tiny_run["run"], weights)
+        assert config == tiny_run["config"]
+        loaded = dict(model.named_parameters())
+        assert loaded.keys() == trained.keys()  # every LoRA tensor landed (attention and convs)
+        for name, p in loaded.items():
+            want = tiny_run["ema"][name] if weights == "ema" and name in tiny_run["ema"] else trained[name]
+            torch.testing.assert_close(p, want, rtol=0, atol=0, msg=f"{weights}: {name}")
+    x, t, ehs = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 77, 32)
+    model, _ = ev.load_run(tiny_run["run"], "live")
+    ref = tiny_run["model"].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, ehs), ref(x, t, ehs), rtol=0, atol=0)
+        torch.testing.assert_close(model.get_aligned_tokens()["mid"], ref.get_aligned_tokens()["mid"], rtol=0, atol=0)
+    ref.clear_features()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ev.load_run(tiny_run["root"], "live")
+
+
+def test_evaluate_is_batch_independent_and_the_cli_writes_json_and_plots(tiny_run):
+    config = tiny_run["config"]
+    dataset = build_dataset(config)
+    model, _ = ev.load_run(tiny_run["run"], "ema")
+    from repa_fast.data.cache import load_clip_table
+
+    table = load_clip_table(config.clip_embeddings_path)
+    a = ev.evaluate(model, dataset, config, num_samples=12, clip_table=table, batch_size=5, k=4, cca_dims=8,
+                    tokens_per_sample=16)
+    b = ev.evaluate(model, dataset, config, num_samples=12, clip_table=table, batch_size=12, k=4, cca_dims=8,
+                    tokens_per_sample=16)
+    assert a["num_samples"] == 12 and a["indices"] == [8, 19] and a["timesteps"] == [0.25, 0.5, 0.75]
+    assert set(a["layers"]["mid"]) == {"t=0.25", "t=0.5", "t=0.75", "mean"}
+    for key in ("t=0.25", "t=0.5", "t=0.75", "mean"):
+        for metric, value in a["layers"]["mid"][key].items():
+            assert np.isfinite(value) and value == pytest.approx(b["layers"]["mid"][key][metric], rel=1e-4, abs=1e-6)
+        assert a["loss_diff"][key] == pytest.approx(b["loss_diff"][key], rel=1e-5)
+    assert a["loss_diff"]["t=0.25"] != a["loss_diff"]["t=0.75"]
+
+    out = tiny_run["root"] / "eval"
+    ev.main([str(tiny_run["run"]), "--out", str(out), "--num-samples", "12", "--k", "4", "--cca-dims", "8",
+             "--tokens-per-sample", "16", "--tsne-points", "30", "--batch-size", "6", "--device", "cpu"])
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["weights"]) == {"live", "ema"}
+    for metric, value in report["weights"]["ema"]["layers"]["mid"]["mean"].items():
+        assert value == pytest.approx(a["layers"]["mid"]["mean"][metric], rel=1e-4, abs=1e-6)
+    assert report["weights"]["live"]["layers"]["mid"]["mean"]["cosine"] != \
+        report["weights"]["ema"]["layers"]["mid"]["mean"]["cosine"]
+    for w in ("live", "ema"):
+        for t in ("0.25", "0.5", "0.75"):
+            with Image.open(out / f"tsne_{w}_mid_t{t}.png") as im:
+                assert im.size == (640, 640)
+
+
+class _Recorder:
+    def __init__(self):
+        self.scalars, self.images = {}, {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars[tag] = (value, step)
+
+    def add_image(self, tag, image, step, dataformats="CHW"):
+        self.images[tag] = (image, step, dataformats)
+
+
+def test_run_alignment_eval_logs_scalars_and_tsne(tiny_run):
+    from repa_fast.data.cache import load_clip_table
+
+    config = tiny_run["config"]
+    dataset = build_dataset(config)
+    table = load_clip_table(config.clip_embeddings_path)
+    model, _ = ev.load_run(tiny_run["run"], "live")
+    model.train()
+    batch = ev.held_out_batch(dataset, 12, clip_table=table, dtype=torch.float32)
+    writer = _Recorder()
+    result = ev.run_alignment_eval(model, batch, config, step=7, writer=writer, k=4, cca_dims=8,
+                                   tokens_per_sample=16, tsne_points=30, tsne_iter=100)
+    assert model.training and not model.hook_manager.features  # mode restored, features dropped
+    want = {f"eval/mid/{m}" for m in ev.METRICS} | {f"eval/mid/{m}_t{t}" for m in ev.METRICS
+                                                     for t in ("0.25", "0.5", "0.75")} | {"eval/loss_diff"}
+    assert set(writer.scalars) == want and all(step == 7 for _, step in writer.scalars.values())
+    image, step, fmt = writer.images["eval/mid/tsne"]
+    assert image.shape == (640, 640, 3) and image.dtype == np.uint8 and fmt == "HWC" and step == 7
+    # the same numbers as evaluate() on the same samples with the same seed
+    ref = ev.evaluate(model, dataset, config, num_samples=12, clip_table=table, k=4, cca_dims=8,
+                      tokens_per_sample=16, seed=config.seed)
+    for metric in ev.METRICS:
+        assert writer.scalars[f"eval/mid/{metric}"][0] == pytest.approx(ref["layers"]["mid"]["mean"][metric],
+                                                                        rel=1e-4, abs=1e-6)
+    assert result["loss_diff"]["mean"] == pytest.approx(ref["loss_diff"]["mean"], rel=1e-5)
+    with pytest.raises(ValueError, match="clip_table"):
+        ev.run_alignment_eval(model, {k: v for k, v in batch.items() if k != "encoder_hidden_states"}, config, 1)
+
+
+# --- sample grids ------------------------------------------------------------------------------------
+
+def _write_sd_folder(path, unet):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
+    vocab.update({f"{c}</w>": 26 + i for i, c in enumerate(string.ascii_lowercase)})
+    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
+    tok_dir = path.parent / "tokenizer_src"
+    tok_dir.mkdir(parents=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        sample_size=64)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=54, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=52,
+                                        eos_token_id=53, pad_token_id=53))
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer,
+                                   unet=unet, scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
+
+
+def test_sample_grid_rows_and_size(tiny_run):
+    from repa_fast.models import build_unet
+
+    config = tiny_run["config"]
+    torch.manual_seed(config.seed)
+    sd = tiny_run["root"] / "sd"
+    _write_sd_folder(sd, build_unet("tiny"))  # the base the run's LoRA was trained on
+    run = tiny_run["run"]
+    dirs = {"base": None, "live": run / "lora", "ema": run / "lora_ema"}
+    classes, seeds, size = ["tench", "goldfish"], [0, 1], 64
+    out = ev.sample_grid(sd, dirs, classes, seeds, tiny_run["root"] / "grid.png", num_inference_steps=2, size=size)
+    with Image.open(out) as im:
+        assert im.size == (len(seeds) * size, len(dirs) * len(classes) * size)
+        grid = np.asarray(im.convert("RGB")).astype(np.int16)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["weights"], r["class"]) for r in meta["rows"]] == [(w, c) for w in dirs for c in classes]
+    assert meta["rows"][0]["prompt"] == "a photo of a tench"
+
+    def cell(row, col):
+        return grid[row * size:(row + 1) * size, col * size:(col + 1) * size]
+
+    assert np.abs(cell(0, 0) - cell(0, 1)).max() > 0  # seeds differ
+    assert np.abs(cell(0, 0) - cell(2, 0)).max() > 0  # the live LoRA changes the image
+    assert np.abs(cell(2, 0) - cell(4, 0)).max() > 0  # live and EMA differ
+    # without model_index.json the pipeline is assembled from the subfolders: the same grid
+    (sd / "model_index.json").unlink()
+    again = ev.sample_grid(sd, dirs, classes, seeds, tiny_run["root"] / "grid2.png", num_inference_steps=2,
+                           size=size)
+    with Image.open(again) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")).astype(np.int16), grid)
