@@ -128,7 +128,8 @@ def test_dtype_cast_and_spawned_workers(dataset):
         assert a["latent"].dtype == torch.bfloat16
         assert torch.equal(a["latent"], b["latent"].to(torch.bfloat16))
         for layer in LAYERS:
-            assert torch.equal(a["dino_tokens"][layer], b["dino_tokens"][layer].to(torch.bfloat16))
+            assert a["dino_tokens"][layer].dtype == torch.float16  # the target keeps the cache's precision
+            assert torch.equal(a["dino_tokens"][layer], b["dino_tokens"][layer])
 
 
 def test_build_loader_switch_gives_the_same_batches(dataset):

@@ -7,7 +7,7 @@
 opening the LMDB caches there (never using a handle from the parent) and handing DALI views of the memory
 map, which DALI copies once into shared memory. Without a GPU (``device="cpu"``) the pipeline is CPU-only
 (``device_id=None``); on ``cuda:N`` latent, tokens and class ids leave the pipeline with ``.gpu()``. The
-float outputs are fp16 (DALI has no bf16): ``dtype`` casts them on the device after the pipeline.
+float outputs are fp16 (DALI has no bf16): ``dtype`` casts the latent on the device after the pipeline.
 
 Shared memory (``/dev/shm``). Workers hand batches to the pipeline through shared-memory chunks, one per
 queue slot: ``prefetch`` batches that the pipeline keeps alive plus ``num_workers * prefetch`` batches in
@@ -327,7 +327,7 @@ def build_dali_loader(dataset: SD15AlignedDataset, batch_size: int, rank: int = 
     """A DALI loader over this rank's slice of epoch ``epoch``, from sample ``start`` of that slice.
 
     The arguments are ``build_torch_loader``'s (``pin_memory`` aside) plus ``device`` (``cpu`` or
-    ``cuda:N``), ``dtype`` for latent and tokens on that device, and the workers' ``start_method``
+    ``cuda:N``), ``dtype`` for the latent on that device, and the workers' ``start_method``
     (``fork`` | ``spawn``; default: ``spawn`` once CUDA is initialised). ``num_workers=0`` runs the
     callback in this process.
     """

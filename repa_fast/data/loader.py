@@ -5,9 +5,11 @@ Both loaders yield the same batch dict, batch for batch::
     {"id": list[str], "index": LongTensor[B] (CPU), "latent": [B,4,64,64], "dino_tokens": {layer: [B,N,D]},
      "class_id": LongTensor[B] (after CFG dropout)}
 
-with ``latent``, ``dino_tokens`` and ``class_id`` on ``device`` and the float tensors in ``dtype`` (the
-caches hold fp16; ``None`` keeps it). Each loader iterates one epoch of this rank's slice; ``set_epoch``
-chooses the next one (and ``start``, the samples of the slice to skip, for a mid-epoch resume).
+with ``latent``, ``dino_tokens`` and ``class_id`` on ``device`` and the latent in ``dtype`` (``None``
+keeps the cache's fp16). DINO tokens stay fp16: they are the fixed target, fp16 holds them more
+precisely than bf16, and the alignment loss reads them in fp32. Each loader iterates one epoch of this
+rank's slice; ``set_epoch`` chooses the next one (and ``start``, the samples of the slice to skip, for a
+mid-epoch resume).
 """
 
 from __future__ import annotations
@@ -21,19 +23,16 @@ from repa_fast.data.dataset import SD15AlignedDataset, build_torch_loader
 
 
 def batch_to(batch: dict, device: torch.device | str, dtype: torch.dtype | None = None) -> dict:
-    """Move a loader batch to ``device``; cast latent and tokens to ``dtype`` there (DALI has no bf16).
+    """Move a loader batch to ``device``; cast the latent to ``dtype`` there (DALI has no bf16).
 
     ``id`` and ``index`` stay on the host: the training step needs only latent, tokens and class_id.
     """
     non_blocking = torch.device(device).type == "cuda"
 
-    def move(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device, non_blocking=non_blocking)
-        return x if dtype is None else x.to(dtype)
-
     out = dict(batch)
-    out["latent"] = move(batch["latent"])
-    out["dino_tokens"] = {layer: move(t) for layer, t in batch["dino_tokens"].items()}
+    latent = batch["latent"].to(device, non_blocking=non_blocking)
+    out["latent"] = latent if dtype is None else latent.to(dtype)
+    out["dino_tokens"] = {layer: t.to(device, non_blocking=non_blocking) for layer, t in batch["dino_tokens"].items()}
     out["class_id"] = batch["class_id"].to(device, non_blocking=non_blocking)
     return out
 
