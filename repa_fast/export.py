@@ -31,7 +31,6 @@ def export_weights(model: nn.Module, out_dir: str | Path, weights: dict[str, tor
     Under ZeRO-3 every rank must call it (the parameters are gathered); ``write`` only on rank 0.
     """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -60,9 +59,10 @@ def export_weights(model: nn.Module, out_dir: str | Path, weights: dict[str, tor
                                    f"({sorted(set(state) ^ set(peft_state))[:3]})")
             metadata = model.unet.peft_config["default"].to_dict()
             metadata["target_modules"] = sorted(metadata["target_modules"])
-            StableDiffusionPipeline.save_lora_weights(
-                out, unet_lora_layers=convert_state_dict_to_diffusers(state), safe_serialization=True,
-                unet_lora_adapter_metadata=metadata)
+            # peft key format as is: diffusers' old-format conversion renames only attention keys, and a
+            # file mixing the two formats loads without its attention LoRA (a warning, not an error)
+            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state, safe_serialization=True,
+                                                      unet_lora_adapter_metadata=metadata)
         else:  # full fine-tuning: the whole U-Net, as a diffusers folder
             unet_state = {n.removeprefix("unet."): value(n) for n in named if n.startswith("unet.")}
             model.unet.save_pretrained(out / "unet", state_dict=unet_state)

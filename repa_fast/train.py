@@ -33,6 +33,7 @@ logger = logging.getLogger("repa_fast.train")
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 MAX_NONFINITE_IN_A_ROW = 5
+LOSS_KEYS = ("loss", "loss_diff", "loss_token", "loss_manifold", "loss_align")
 
 
 # --- DeepSpeed config ----------------------------------------------------------------------------------
@@ -135,11 +136,16 @@ def set_rng_state(state: dict) -> None:
 
 def _fault(point: str, step: int) -> None:
     """Test hook: REPA_FAST_FAULT=point:step kills the process there, as a crash or a kill would."""
-    spec = os.environ.get("REPA_FAST_FAULT", "")
-    if spec == f"{point}:{step}":
+    if os.environ.get("REPA_FAST_FAULT", "") == f"{point}:{step}":
         sys.stderr.write(f"REPA_FAST_FAULT: dying at {point} step {step}\n")
         sys.stderr.flush()
         os._exit(17)
+
+
+def _fault_nan_loss(step: int) -> bool:
+    """Test hook: REPA_FAST_FAULT=nan_loss:K makes the loss of every step from K on non-finite."""
+    spec = os.environ.get("REPA_FAST_FAULT", "")
+    return spec.startswith("nan_loss:") and step >= int(spec.split(":")[1])
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, state: dict, ema, rank: int) -> str:
@@ -267,24 +273,16 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
 
 
-def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
-    """Move a loader batch to the device; latents in the training dtype, tokens as cached (fp16)."""
-    return {
-        "id": batch["id"],
-        "latent": batch["latent"].to(device, non_blocking=True).to(dtype),
-        "dino_tokens": {k: v.to(device, non_blocking=True) for k, v in batch["dino_tokens"].items()},
-        "class_id": batch["class_id"].to(device, non_blocking=True),
-    }
-
-
 def train(config: Config, args: argparse.Namespace) -> dict:
     import deepspeed
     import torch.distributed as dist
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     from repa_fast.data.cache import load_clip_table
-    from repa_fast.data.dataset import build_dataset, build_torch_loader
+    from repa_fast.data.dataset import build_dataset
+    from repa_fast.data.loader import build_loader
     from repa_fast.ema import EMA
+    from repa_fast.evaluate import held_out_batch, run_alignment_eval
     from repa_fast.export import export_weights
     from repa_fast.losses import SD15Loss
     from repa_fast.models import build_aligned_unet
@@ -327,6 +325,7 @@ def train(config: Config, args: argparse.Namespace) -> dict:
     if config.compile != "none":
         engine.compile(backend="inductor")
     criterion = SD15Loss.from_config(config)
+    eval_batch = held_out_batch(dataset, min(64, len(dataset)), device, dtype, clip_table)
 
     state = {"step": 0, "epoch": 0, "position": 0}
     if args.resume:
@@ -346,21 +345,23 @@ def train(config: Config, args: argparse.Namespace) -> dict:
 
     nonfinite_in_a_row, samples_since, t_last = 0, 0, time.perf_counter()
     first_loss = last_loss = None
+    # torch or DALI (the `loader` switch): batches on the device, latents in the training dtype
+    loader = build_loader(config, dataset, rank=rank, world=world, epoch=state["epoch"], start=state["position"],
+                          device=device, dtype=dtype)
     while state["step"] < config.max_steps:
-        loader = build_torch_loader(dataset, config.batch_size, rank, world, state["epoch"], state["position"],
-                                    num_workers=config.num_workers, prefetch=config.prefetch,
-                                    pin_memory=device.type == "cuda")
         for batch in loader:
             step = state["step"] + 1
-            batch = to_device(batch, device, dtype)
             B = batch["latent"].shape[0]
             state["position"] += B
             gen = step_generator(config.seed, rank, step, device)
             ehs = clip_table[batch["class_id"]]
             losses = criterion(engine, batch["latent"], batch["dino_tokens"], ehs, generator=gen)
+            if _fault_nan_loss(step):
+                losses["loss"] = losses["loss"] * float("nan")
             finite = torch.isfinite(losses["loss"].detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:
+            state["step"] = step
+            if finite.item() < 1:  # every rank skips together: no backward, no optimizer or EMA step
                 module.clear_features()
                 nonfinite_in_a_row += 1
                 warnings.warn(f"non-finite loss at step {step}: step skipped "
@@ -368,29 +369,28 @@ def train(config: Config, args: argparse.Namespace) -> dict:
                 if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                     raise FloatingPointError(f"{nonfinite_in_a_row} non-finite losses in a row, the last at step "
                                              f"{step}: stopping (lower learning_rate or check the data)")
-                continue
-            nonfinite_in_a_row = 0
-            engine.backward(losses["loss"])
-            engine.step()
-            ema.update(module)
-            module.clear_features()
-            state["step"] = step
+            else:
+                nonfinite_in_a_row = 0
+                engine.backward(losses["loss"])
+                engine.step()
+                ema.update(module)
+                module.clear_features()
 
-            scalars = torch.stack([losses[k].detach().float() for k in
-                                   ("loss", "loss_diff", "loss_token", "loss_manifold", "loss_align")])
-            dist.all_reduce(scalars)
-            scalars = dict(zip(("loss", "loss_diff", "loss_token", "loss_manifold", "loss_align"),
-                               (scalars / world).tolist(), strict=True))
-            samples_since += B * world
-            now = time.perf_counter()
-            scalars["lr"] = scheduler.get_last_lr()[0]
-            scalars["samples_per_s"] = samples_since / max(now - t_last, 1e-9)
-            if step % config.log_interval == 0 or step == 1:
-                samples_since, t_last = 0, now
-            first_loss = scalars["loss"] if first_loss is None else first_loss
-            last_loss = scalars["loss"]
-            record = {"step": step, "epoch": state["epoch"], **scalars, "ids": batch["id"]}
-            log.step(step, record, scalars, step % config.log_interval == 0)
+                scalars = torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
+                dist.all_reduce(scalars)
+                scalars = dict(zip(LOSS_KEYS, (scalars / world).tolist(), strict=True))
+                samples_since += B * world
+                now = time.perf_counter()
+                scalars["lr"] = scheduler.get_last_lr()[0]
+                scalars["samples_per_s"] = samples_since / max(now - t_last, 1e-9)
+                if step % config.log_interval == 0 or step == 1:
+                    samples_since, t_last = 0, now
+                first_loss = scalars["loss"] if first_loss is None else first_loss
+                last_loss = scalars["loss"]
+                record = {"step": step, "epoch": state["epoch"], **scalars, "ids": batch["id"]}
+                log.step(step, record, scalars, step % config.log_interval == 0)
+                if step % config.eval_interval == 0:  # every rank: ZeRO-3 gathers in the forward
+                    run_alignment_eval(module, eval_batch, config, step, writer=log.tb)
 
             if step % config.save_interval == 0 or step == config.max_steps:
                 save_checkpoint(engine, ckpt_dir, step, dict(state, config=config.to_dict()), ema, rank)
@@ -400,6 +400,8 @@ def train(config: Config, args: argparse.Namespace) -> dict:
         else:
             state["epoch"] += 1
             state["position"] = 0
+            loader.set_epoch(state["epoch"])
+    loader.close()
     log.close()
     export_weights(module, out / "lora", write=rank == 0)
     export_weights(module, out / "lora_ema", weights=ema.shadow, write=rank == 0)
@@ -418,9 +420,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"repa-fast-train: {err}")
     try:
         result = train(config, args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, FloatingPointError) as err:
         sys.exit(f"repa-fast-train: {err}")
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) == 0 and result["last_loss"] is not None:
         print(f"done: {result['step']} steps, loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
               f"output in {config.output_dir}")
 
