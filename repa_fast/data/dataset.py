@@ -94,25 +94,31 @@ class EpochSampler(Sampler):
         return max(0, -(-self.n // self.world) - self.start)
 
 
-def read_samples_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """(ids, class_ids) from a subset CSV with at least the columns ``id`` and ``class_id``."""
+def read_csv_rows(path: str | os.PathLike, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of a subset CSV that must have ``columns``; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"sample CSV {str(path)!r} does not exist")
-    ids, classes = [], []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in ("id", "class_id") if c not in (reader.fieldnames or [])]
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise CacheError(f"{path}: missing column(s) {missing} (has {reader.fieldnames})")
-        for line, row in enumerate(reader, start=2):
-            try:
-                classes.append(int(row["class_id"]))
-            except (TypeError, ValueError):
-                raise CacheError(f"{path}:{line}: class_id {row['class_id']!r} is not an integer") from None
-            ids.append(row["id"])
-    if not ids:
+        rows = list(enumerate(reader, start=2))
+    if not rows:
         raise CacheError(f"{path}: no samples")
+    return rows
+
+
+def read_samples_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """(ids, class_ids) from a subset CSV with at least the columns ``id`` and ``class_id``."""
+    ids, classes = [], []
+    for line, row in read_csv_rows(path, ("id", "class_id")):
+        try:
+            classes.append(int(row["class_id"]))
+        except (TypeError, ValueError):
+            raise CacheError(f"{path}:{line}: class_id {row['class_id']!r} is not an integer") from None
+        ids.append(row["id"])
     return ids, np.asarray(classes, dtype=np.int64)
 
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from repa_fast.data.cache import CacheError, CacheWriter
+from repa_fast.data.dataset import read_csv_rows
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,23 +40,14 @@ def read_image_rows(csv_path: str | os.PathLike, image_root: str | os.PathLike |
                     ) -> list[tuple[str, str]]:
     """``(id, image path)`` per row of the subset CSV, paths resolved against ``image_root``."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"sample CSV {str(csv_path)!r} does not exist")
     root = Path(image_root) if image_root is not None else csv_path.parent
     rows, seen = [], {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("id", "img_path") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing} (has {reader.fieldnames})")
-        for line, row in enumerate(reader, start=2):
-            sample_id = row["id"]
-            if sample_id in seen:
-                raise ValueError(f"{csv_path}:{line}: id {sample_id!r} repeats line {seen[sample_id]}")
-            seen[sample_id] = line
-            rows.append((sample_id, str(root / row["img_path"])))  # an absolute img_path ignores root
-    if not rows:
-        raise ValueError(f"{csv_path}: no samples")
+    for line, row in read_csv_rows(csv_path, ("id", "img_path")):
+        sample_id = row["id"]
+        if sample_id in seen:
+            raise ValueError(f"{csv_path}:{line}: id {sample_id!r} repeats line {seen[sample_id]}")
+        seen[sample_id] = line
+        rows.append((sample_id, str(root / row["img_path"])))  # an absolute img_path ignores root
     return rows
 
 
