@@ -84,7 +84,7 @@ class CacheWriter:
         self.kind, self.layers, self.extra = kind, list(layers or []), dict(extra_meta or {})
         _close_read_env(self.path)  # readers in this process reopen after the write
         self.env = lmdb.open(str(self.path), map_size=map_size, subdir=True, readahead=False, meminit=False)
-        old = self._read_meta()
+        old = self.read_meta()
         if old is not None and (tuple(old["shape"]) != self.shape or old["dtype"] != self.dtype.name):
             self.env.close()
             raise CacheError(f"{self.path}: existing cache holds {old['dtype']} {old['shape']}, "
@@ -92,7 +92,8 @@ class CacheWriter:
         self._pending: list[tuple[bytes, bytes]] = []
         self.commit_every = commit_every
 
-    def _read_meta(self) -> dict | None:
+    def read_meta(self) -> dict | None:
+        """The ``__meta__`` record already in the cache (None for a new cache)."""
         with self.env.begin() as txn:
             raw = txn.get(META_KEY)
         return json.loads(raw) if raw is not None else None
@@ -123,6 +124,8 @@ class CacheWriter:
                 return
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:  # another writer (a shard in another process) grew the map
+                self.env.set_mapsize(0)
 
     def flush(self) -> None:
         if self._pending:

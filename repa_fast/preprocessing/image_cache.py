@@ -126,7 +126,7 @@ def open_writer(output_dir, shape, kind: str, num_records: int, layers: list[str
     map_size = max(1 << 30, int(num_records * (-(-(nbytes + 16) // page) * page) * 1.25) + (64 << 20))
     writer = CacheWriter(output_dir, shape, "float16", kind=kind, layers=layers, map_size=map_size,
                          extra_meta=meta)
-    old = writer._read_meta()  # the meta of an earlier run, if one closed this cache
+    old = writer.read_meta()  # the meta of an earlier run, if one closed this cache
     if old is not None:
         for key in must_match:
             if key in old and old[key] != (meta or {}).get(key):
