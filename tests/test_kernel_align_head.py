@@ -1,0 +1,278 @@
+"""The fused AlignHead (kernels/align_head.py) against the PyTorch reference (AlignHead.reference).
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py), so shapes are small and the
+dtypes fp32/fp16 (the interpreter has no bf16 dot or maths). Every comparison is against the
+reference module run in float64 on the same (rounded) inputs, with the same random upstream gradient:
+the output and the gradients of feat, the conv weight, the GroupNorm weight and bias, by relative
+norm error. The H200 build is checked ahead of time (no GPU needed); bf16 at the real shape runs only
+on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import repa_fast.kernels.align_head as kah
+from repa_fast.kernels import aot
+from repa_fast.kernels.align_head import align_head, align_head_aot_specs, align_head_forward
+from repa_fast.models.align_head import AlignHead
+
+# fp32: the kernels accumulate in fp32 (observed ~2e-7). fp16: the inputs are the same rounded values
+# for both sides, but the kernels store x_hat, the GELU map, the tokens and dy in fp16 and feed fp16
+# operands to the GEMMs, each a rounding of unit 4.9e-4 (observed ~6e-4): 3e-3 is ~6 unit roundoffs.
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+# The interpreter runs on CPU tensors; a GPU run (REPA_FAST_GPU_TESTS=1, see conftest) compiles for CUDA.
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def make_case(B, C, D, G, map_hw, side, dtype, seed=0, device=DEVICE):
+    """A float64 reference AlignHead with random GroupNorm affine, and feat/upstream grad rounded to dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = AlignHead(in_ch=C, D=D, num_tokens=side * side, num_groups=G).double()
+    with torch.no_grad():
+        ref.proj[0].weight.copy_(torch.randn(D, C, 1, 1, generator=gen, dtype=torch.float64) / C**0.5)
+        ref.proj[1].weight.copy_(1.0 + 0.5 * torch.randn(D, generator=gen, dtype=torch.float64))
+        ref.proj[1].bias.copy_(0.5 * torch.randn(D, generator=gen, dtype=torch.float64))
+        for p in ref.parameters():  # both sides see the same dtype-rounded values
+            p.copy_(p.to(dtype).double())
+    feat = torch.randn(B, C, *map_hw, generator=gen, dtype=torch.float64).to(dtype)
+    grad = torch.randn(B, side * side, D, generator=gen, dtype=torch.float64).to(dtype)
+    return ref.to(device), feat.to(device), grad.to(device)
+
+
+def reference_and_kernel(ref, feat, grad, dtype):
+    """(reference results, kernel results), each (tokens, dfeat, dconv, dgamma, dbeta)."""
+    conv, norm = ref.proj[0], ref.proj[1]
+    ref.zero_grad(set_to_none=True)
+    x64 = feat.detach().double().requires_grad_()
+    out64 = ref.reference(x64)
+    out64.backward(grad.double())
+    expected = (out64, x64.grad, conv.weight.grad, norm.weight.grad, norm.bias.grad)
+
+    x = feat.detach().requires_grad_()  # a view with feat's strides (clone() would compact a crop)
+    assert x.stride() == feat.stride()
+    w, gamma, beta = (p.detach().to(dtype).requires_grad_() for p in (conv.weight, norm.weight, norm.bias))
+    out = align_head(x, w, gamma, beta, norm.num_groups, ref.grid, norm.eps)
+    assert out.dtype == dtype and out.shape == out64.shape
+    out.backward(grad)
+    return expected, (out, x.grad, w.grad, gamma.grad, beta.grad)
+
+
+def assert_close(expected, actual, tol):
+    names = ("tokens", "dfeat", "dconv_weight", "dgn_weight", "dgn_bias")
+    errors = {n: rel_err(a, e) for n, a, e in zip(names, actual, expected, strict=True)}
+    for n, a, e in zip(names, actual, expected, strict=True):
+        assert a.dtype == actual[0].dtype and a.shape == e.shape, n
+    bad = {n: f"{err:.2e}" for n, err in errors.items() if not err <= tol}
+    assert not bad, f"relative error above {tol:g}: {bad}"
+
+
+CASES = {
+    # B, C, D, G, map, grid side
+    "odd_batch_upsample": (3, 24, 64, 8, (4, 4), 8),
+    "batch1_32groups": (1, 24, 64, 32, (4, 4), 8),
+    "map_equals_grid": (3, 24, 64, 8, (4, 4), 4),
+    "odd_map_odd_D": (2, 20, 48, 8, (3, 5), 7),
+    "downsample": (2, 24, 64, 32, (8, 8), 3),
+    # several token chunks (N=144 in chunks of 64) and channel blocks (D=96 in blocks of 64) in backward
+    "chunks_and_blocks": (2, 16, 96, 8, (4, 4), 12),
+    "tiny_unet_mid": (2, 128, 64, 32, (2, 2), 8),  # configs/tiny.yaml: mid 2x2 map, 8x8 tokens of dim 64
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_float64_reference(case, dtype):
+    ref, feat, grad = make_case(*CASES[case], dtype=dtype, seed=len(case))
+    expected, actual = reference_and_kernel(ref, feat, grad, dtype)
+    assert_close(expected, actual, TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channel_slice", "spatial_crop"])
+def test_non_contiguous_feat(layout):
+    B, C, D, G, hw, side = 3, 24, 64, 8, (4, 4), 8
+    ref, feat, grad = make_case(B, C, D, G, hw, side, torch.float32, seed=7)
+    if layout == "channels_last":
+        feat = feat.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    elif layout == "channel_slice":  # every other channel of a tensor with twice the channels
+        wide = torch.randn(B, 2 * C, *hw, dtype=torch.float32, device=feat.device)
+        wide[:, ::2] = feat
+        feat = wide[:, ::2]
+    else:  # the left part of a wider map: row stride != width * column stride
+        wide = torch.randn(B, C, hw[0], hw[1] + 3, dtype=torch.float32, device=feat.device)
+        wide[..., : hw[1]] = feat
+        feat = wide[..., : hw[1]]
+    assert not feat.is_contiguous()
+    expected, actual = reference_and_kernel(ref, feat, grad, torch.float32)
+    assert actual[1].shape == feat.shape
+    assert_close(expected, actual, TOL[torch.float32])
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    C=st.integers(3, 40),
+    G=st.sampled_from([1, 2, 4, 8]),
+    group_size=st.integers(1, 9),
+    H=st.integers(1, 6),
+    W=st.integers(2, 6),
+    side=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_shapes(B, C, G, group_size, H, W, side, seed):
+    # Degenerate cases whose exact gradient is 0 (or O(eps)), where any fp32 result is all rounding:
+    # a 1-channel token is +-1 whatever the input; a 2-value GroupNorm group normalises to +-1.
+    assume(G * group_size >= 2 and H * W * group_size >= 3)
+    ref, feat, grad = make_case(B, C, G * group_size, G, (H, W), side, torch.float32, seed=seed)
+    expected, actual = reference_and_kernel(ref, feat, grad, torch.float32)
+    # Tiny random shapes can be ill-conditioned (a 2-channel token over a 1x2 map: gradients ~1e-2 of
+    # the terms that cancel into them), where PyTorch's own fp32 is off by more than 1e-5 too. The
+    # bound is 1e-5 or 4x the error of the reference module run in fp32, whichever is larger.
+    ref32 = copy.deepcopy(ref).float()
+    ref32.zero_grad(set_to_none=True)
+    x32 = feat.detach().clone().requires_grad_()
+    out32 = ref32.reference(x32)
+    out32.backward(grad)
+    torch_fp32 = (out32, x32.grad, *(p.grad for p in ref32.parameters()))
+    names = ("tokens", "dfeat", "dconv_weight", "dgn_weight", "dgn_bias")
+    for name, a, t, e in zip(names, actual, torch_fp32, expected, strict=True):
+        err, torch_err = rel_err(a, e), rel_err(t, e)
+        assert err <= max(TOL[torch.float32], 4 * torch_err), f"{name}: {err:.2e} (torch fp32 {torch_err:.2e})"
+
+
+def test_module_triton_equals_torch():
+    B, C, D, G, side = 3, 24, 64, 8, 8
+    torch.manual_seed(3)
+    torch_head = AlignHead(in_ch=C, D=D, num_tokens=side * side, num_groups=G, kernels="torch")
+    with torch.no_grad():
+        torch_head.proj[1].weight.normal_(1.0, 0.5)
+        torch_head.proj[1].bias.normal_(0.0, 0.5)
+    triton_head = AlignHead(in_ch=C, D=D, num_tokens=side * side, num_groups=G, kernels="triton")
+    triton_head.load_state_dict(torch_head.state_dict())
+    torch_head.to(DEVICE)
+    triton_head.to(DEVICE)
+    feat = torch.randn(B, C, 4, 4, device=DEVICE)
+    grad = torch.randn(B, side * side, D, device=DEVICE)
+    results = []
+    for head in (torch_head, triton_head):
+        x = feat.clone().requires_grad_()
+        out = head(x)
+        out.backward(grad)
+        results.append((out, x.grad, *(p.grad for p in head.parameters())))
+    for name, a, e in zip(("tokens", "dfeat", "dconv", "dgamma", "dbeta"), results[1], results[0], strict=True):
+        assert rel_err(a, e) <= TOL[torch.float32], name
+
+
+def test_saved_statistics_match_groupnorm():
+    # The fp32 GroupNorm mean/rstd and per-token rstd that the forward keeps for the backward.
+    ref, feat, _ = make_case(3, 24, 64, 8, (4, 4), 8, torch.float32, seed=11)
+    conv, norm = ref.proj[0], ref.proj[1]
+    _, x_hat, mean, rstd, tok_rstd = align_head_forward(
+        feat, conv.weight.float(), norm.weight.float(), norm.bias.float(), 8, ref.grid, norm.eps)
+    y = torch.nn.functional.conv2d(feat.double(), conv.weight).reshape(3, 8, -1)  # [B, G, group values]
+    assert mean.dtype == rstd.dtype == tok_rstd.dtype == torch.float32
+    assert rel_err(mean, y.mean(-1)) <= 1e-5
+    assert rel_err(rstd, (y.var(-1, unbiased=False) + norm.eps).rsqrt()) <= 1e-5
+    with torch.no_grad():
+        z = ref.proj(feat.double())
+        u = torch.nn.functional.interpolate(z, size=ref.grid, mode="bilinear", align_corners=False)
+    assert rel_err(tok_rstd, 1.0 / u.flatten(2).norm(dim=1)) <= 1e-5
+    assert x_hat.shape == (3, 16, 64)  # the small pre-upsample map, not [B, N, D]
+
+
+def test_rejects_groups_too_wide_for_one_tile():
+    feat = torch.randn(1, 8, 16, 16, device=DEVICE)
+    w, ones = torch.randn(256, 8, 1, 1, device=DEVICE), torch.ones(256, device=DEVICE)
+    with pytest.raises(ValueError, match="does not fit one tile"):
+        align_head(feat, w, ones, 0 * ones, 1, (16, 16))
+
+
+# ---------------------------------------------------------------------------------------------------
+# H200 build, checked ahead of time on CPU: the real shapes, bf16, the host code's own block configs.
+# "mid" is the issue's shape (8x8 -> 16x16); "dec_first" is SD-1.5's up_blocks.0 (16x16, no upsample).
+
+SHAPES = {
+    "mid": {"batch": 48, "in_ch": 1280, "map_hw": (8, 8), "grid": (16, 16), "D": 1024, "num_groups": 32,
+            "dtype": torch.bfloat16},
+    "dec_first": {"batch": 48, "in_ch": 1280, "map_hw": (16, 16), "grid": (16, 16), "D": 1024,
+                  "num_groups": 32, "dtype": torch.bfloat16},
+}
+SPECS = {shape: align_head_aot_specs(**kw) for shape, kw in SHAPES.items()}
+ALL_KERNELS = sorted(name for name in vars(kah) if name.startswith("_align_head") and name.endswith("_kernel"))
+
+
+@pytest.fixture(scope="module")
+def h200_reports():
+    jobs = [(shape, spec) for shape, specs in SPECS.items() for spec in specs]
+
+    def build(job):
+        spec = job[1]
+        return aot.compile_for_h200_isolated("repa_fast.kernels.align_head", spec["kernel"], spec["signature"],
+                                             spec["constexprs"], spec["num_warps"], spec["num_stages"],
+                                             divisible=spec["divisible"])
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        reports = list(pool.map(build, jobs))
+    return {(shape, spec["kernel"]): (spec, report) for (shape, spec), report in zip(jobs, reports, strict=True)}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_aot_specs_are_the_host_launch_configs(shape):
+    kw = SHAPES[shape]
+    configs = kah.align_head_launch_configs(kw["batch"], kw["in_ch"], kw["map_hw"], kw["grid"], kw["D"],
+                                            kw["num_groups"], kw["dtype"])
+    assert [s["kernel"] for s in SPECS[shape]] == list(configs) and sorted(configs) == ALL_KERNELS
+    for s in SPECS[shape]:
+        launch = configs[s["kernel"]]
+        assert {k: s["constexprs"][k] for k in launch.constexprs} == launch.constexprs
+        assert (s["num_warps"], s["num_stages"]) == (launch.num_warps, launch.num_stages)
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_compiles_for_h200(h200_reports, shape, kernel):
+    spec, report = h200_reports[shape, kernel]
+    assert report.spills == 0, report.ptxas_log
+    assert report.shared <= aot.H200_SHARED_LIMIT
+    # Every tl.dot must run on HGMMA; the token-stage kernels multiply only when they upsample.
+    if "tl.dot(" in inspect.getsource(getattr(kah, kernel).fn) and spec["constexprs"].get("UPSAMPLE", True):
+        assert report.hgmma, f"{kernel}: tl.dot did not lower to HGMMA (wgmma)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: bf16 at the real shape.
+
+
+@pytest.mark.gpu
+def test_bf16_real_shape_on_gpu():
+    dtype, dev = torch.bfloat16, "cuda"
+    ref, feat, grad = make_case(48, 1280, 1024, 32, (8, 8), 16, dtype, seed=5, device=dev)
+    expected, actual = reference_and_kernel(ref, feat, grad, dtype)
+    # Eager PyTorch in bf16 on the same inputs: the fused op must be about as accurate.
+    eager = AlignHead(1280, 1024, 256, 32).to(dev, dtype)
+    eager.load_state_dict(ref.state_dict())
+    x = feat.clone().requires_grad_()
+    out = eager.reference(x)
+    out.backward(grad)
+    eager_results = (out, x.grad, *(p.grad for p in eager.parameters()))
+    names = ("tokens", "dfeat", "dconv", "dgamma", "dbeta")
+    for name, a, b, e in zip(names, actual, eager_results, expected, strict=True):
+        err, eager_err = rel_err(a, e), rel_err(b, e)
+        assert err < 2e-2 and err <= 2 * eager_err + 2e-3, f"{name}: {err:.2e} (eager bf16 {eager_err:.2e})"
+    # Deterministic: no atomics, so a second run gives the same bits.
+    _, again = reference_and_kernel(ref, feat, grad, dtype)
+    for a, b in zip(actual, again, strict=True):
+        assert torch.equal(a, b)
