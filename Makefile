@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.repa-fast-installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-gpu clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+	$(PY) -m pytest benchmarks --benchmark-disable -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -27,6 +28,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu_report.py --out benchmarks/results/gpu_$(shell date +%F)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache demo_out

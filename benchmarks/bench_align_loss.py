@@ -20,9 +20,13 @@ import os
 import sys
 
 import torch
+from torch._functorch import config as functorch_config
 
 COPY_BYTES_PER_S = 4.3e12  # H200 copy rate measured in this workplace (DESIGN.md)
 PASSES = ("forward", "backward", "full")
+# measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
+# compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
+functorch_config.donated_buffer = False
 
 
 def byte_floor_us(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -32,7 +36,14 @@ def byte_floor_us(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     return {name: bytes_ / COPY_BYTES_PER_S * 1e6 for name, bytes_ in floors.items()}
 
 
-def implementations(upper_only: bool, mask_diag: bool):
+def make_inputs(shape, device, x_dtype=torch.bfloat16, y_dtype=torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (the AlignHead's tokens) and y (the DINO cache, correlated with x) of ``shape``."""
+    x = torch.randn(shape, device=device).to(x_dtype)
+    y = (x.float() + torch.randn(shape, device=device)).to(y_dtype)
+    return x, y
+
+
+def implementations(upper_only: bool, mask_diag: bool, compile_backend: str = "inductor"):
     """name -> f(x, y) returning (L_token, L_manifold)."""
     from repa_fast.losses import alignment_losses
 
@@ -42,11 +53,14 @@ def implementations(upper_only: bool, mask_diag: bool):
     def fused(x, y):
         return alignment_losses(x, y, upper_only, mask_diag, kernels="triton")
 
-    return {"eager": eager, "compiled": torch.compile(eager), "fused": fused}
+    return {"eager": eager, "compiled": torch.compile(eager, backend=compile_backend), "fused": fused}
 
 
-def measure(fn, x0: torch.Tensor, y: torch.Tensor, manifold_coeff: float, quantiles) -> dict:
-    from triton.testing import do_bench
+def measure(fn, x0: torch.Tensor, y: torch.Tensor, manifold_coeff: float, quantiles, bench=None) -> dict:
+    """Times (ms at ``quantiles``) of forward, backward and both by ``bench`` (do_bench's signature; default
+    do_bench), and on CUDA the peak memory of forward+backward above the inputs (None elsewhere)."""
+    if bench is None:
+        from triton.testing import do_bench as bench
 
     x = x0.detach().clone().requires_grad_()
 
@@ -61,12 +75,15 @@ def measure(fn, x0: torch.Tensor, y: torch.Tensor, manifold_coeff: float, quanti
         full()
     backward = functools.partial(forward().backward, retain_graph=True)  # the same graph, again and again
     row = {
-        "forward": do_bench(forward, quantiles=quantiles),
-        "backward": do_bench(backward, grad_to_none=[x], quantiles=quantiles),
-        "full": do_bench(full, grad_to_none=[x], quantiles=quantiles),
+        "forward": bench(forward, quantiles=quantiles),
+        "backward": bench(backward, grad_to_none=[x], quantiles=quantiles),
+        "full": bench(full, grad_to_none=[x], quantiles=quantiles),
     }
     del backward  # frees the retained graph before the memory measurement
     x.grad = None
+    if not x.is_cuda:
+        row["peak_mib"] = None
+        return row
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -109,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     shape = (args.batch, args.tokens, args.dim)
-    x = torch.randn(shape, device="cuda").to(torch.bfloat16)
-    y = (x.float() + torch.randn(shape, device="cuda")).to(torch.float16)
+    x, y = make_inputs(shape, "cuda")
     impls = implementations(args.upper_only, args.mask_diag)
     floors = byte_floor_us(x, y)
     gpu = torch.cuda.get_device_name()

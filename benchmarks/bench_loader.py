@@ -8,7 +8,8 @@ sees them: the reference torch loader (``build_torch_loader``) restarts its work
 pipeline keeps its workers.
 
     python benchmarks/bench_loader.py --out benchmarks/results/loader_cpu.md
-    pytest benchmarks/bench_loader.py --benchmark-only
+    pytest benchmarks/bench_loader.py --benchmark-only     # these settings at the real shapes
+    pytest benchmarks --benchmark-only                     # the suite: test_bench_loader.py, small cache
 
 ``REPA_BENCH_LOADER_SAMPLES`` / ``--samples`` (default 2000) and ``REPA_BENCH_LOADER_CACHE`` / ``--cache``
 (default /tmp/repa_fast_bench_loader) choose the cache.
@@ -160,6 +161,8 @@ def test_loader_epoch(benchmark, dataset, kind, workers):
     finally:
         loader.close()
     assert samples == len(dataset)
+    if benchmark.disabled:  # --benchmark-disable: the body ran once as a test, nothing was timed
+        return
     sps = samples / benchmark.stats.stats.min
     mbps = sps * bytes_per_sample(dataset) / 1e6
     benchmark.extra_info.update(samples_per_s=round(sps, 1), mb_per_s=round(mbps, 1), batch=BATCH,

@@ -1,0 +1,205 @@
+"""AlignHead on the GPU: eager reference vs torch.compile vs the fused kernels.
+
+    python benchmarks/bench_align_head.py --out benchmarks/results/align_head_h200.json
+
+Times forward, backward and forward+backward with triton.testing.do_bench (median and 20/80% quantiles)
+and the peak memory of forward+backward above the inputs, at the real shape: feat bf16 [48,1280,8,8]
+-> tokens [48,256,1024] (8x8 map upsampled to the 16x16 token grid), GroupNorm with 32 groups, the head's
+weights bf16. Beside each time is the floor: the larger of its bytes at ~4.3 TB/s and its GEMM FLOPs at
+~790 TFLOP/s (the H200 rates measured in this workplace, DESIGN.md). Forward must read feat and W and
+write the tokens (2 B*HW*C*D FLOPs); backward must read the upstream gradient, feat and W and write
+dfeat and dW (two GEMMs, 4 B*HW*C*D FLOPs). Writes one JSON row per (implementation, pass) with the GPU
+name, the date and the command. Needs CUDA; without it, says so and exits 0 (it is not part of CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import sys
+
+import torch
+from torch._functorch import config as functorch_config
+
+COPY_BYTES_PER_S = 4.3e12  # H200 copy rate measured in this workplace (DESIGN.md)
+MATMUL_FLOPS_PER_S = 790e12  # H200 bf16 dense matmul rate measured in this workplace (DESIGN.md)
+PASSES = ("forward", "backward", "full")
+# measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
+# compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
+functorch_config.donated_buffer = False
+
+
+def make_inputs(batch: int, in_ch: int, map_hw: tuple[int, int], dim: int, tokens: int, groups: int, device,
+                dtype=torch.bfloat16):
+    """(head, feat, grad): an AlignHead with a random GroupNorm affine in ``dtype``, a feature map
+    [batch, in_ch, *map_hw] and an upstream gradient for its tokens [batch, tokens, dim]."""
+    from repa_fast.models import AlignHead
+
+    head = AlignHead(in_ch, dim, tokens, groups)
+    with torch.no_grad():
+        head.proj[1].weight.normal_(1.0, 0.5)
+        head.proj[1].bias.normal_(0.0, 0.5)
+    head = head.to(device, dtype)
+    feat = torch.randn(batch, in_ch, *map_hw, device=device).to(dtype)
+    grad = torch.randn(batch, tokens, dim, device=device).to(dtype)
+    return head, feat, grad
+
+
+def floor_us(head, feat: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per pass: ``bytes_us``, ``flops_us`` and ``floor_us`` (the larger)."""
+    B, C, H, W = feat.shape
+    N, D = head.num_tokens, head.D
+    item = feat.element_size()
+    w_bytes = D * C * head.proj[0].weight.element_size()
+    feat_bytes, tok_bytes = B * C * H * W * item, B * N * D * item
+    gemm = 2.0 * B * H * W * C * D
+    passes = {
+        "forward": (feat_bytes + w_bytes + tok_bytes, gemm),
+        "backward": (tok_bytes + feat_bytes + w_bytes + feat_bytes + w_bytes, 2 * gemm),
+    }
+    passes["full"] = tuple(f + b for f, b in zip(passes["forward"], passes["backward"], strict=True))
+    out = {}
+    for name, (bytes_, flops) in passes.items():
+        b_us, f_us = bytes_ / COPY_BYTES_PER_S * 1e6, flops / MATMUL_FLOPS_PER_S * 1e6
+        out[name] = {"bytes_us": b_us, "flops_us": f_us, "floor_us": max(b_us, f_us)}
+    return out
+
+
+def implementations(head, compile_backend: str = "inductor"):
+    """name -> f(feat) returning the tokens: the reference module, it compiled, the fused op."""
+    from repa_fast.kernels.align_head import align_head
+
+    conv, norm = head.proj[0], head.proj[1]
+    fused = functools.partial(align_head, conv_weight=conv.weight, gn_weight=norm.weight, gn_bias=norm.bias,
+                              num_groups=norm.num_groups, grid=head.grid, eps=norm.eps)
+    # max-autotune: inductor's best (Triton GEMM templates autotuned); other backends take no mode.
+    mode = "max-autotune" if compile_backend == "inductor" else None
+    return {"eager": head.reference, "compiled": torch.compile(head.reference, backend=compile_backend, mode=mode),
+            "fused": fused}
+
+
+def measure(fn, head, feat0: torch.Tensor, grad: torch.Tensor, quantiles, bench=None) -> dict:
+    """Times (ms at ``quantiles``) of forward, backward and both by ``bench`` (do_bench's signature; default
+    do_bench), and on CUDA the peak memory of forward+backward above the inputs (None elsewhere)."""
+    if bench is None:
+        from triton.testing import do_bench as bench
+
+    feat = feat0.detach().clone().requires_grad_()
+    leaves = [feat, *head.parameters()]
+
+    def forward():
+        return fn(feat)
+
+    def full():
+        forward().backward(grad)
+
+    for _ in range(3):  # compile, autotune, allocator warm-up
+        full()
+    backward = functools.partial(forward().backward, grad, retain_graph=True)  # the same graph, again
+    row = {
+        "forward": bench(forward, quantiles=quantiles),
+        "backward": bench(backward, grad_to_none=leaves, quantiles=quantiles),
+        "full": bench(full, grad_to_none=leaves, quantiles=quantiles),
+    }
+    del backward  # frees the retained graph before the memory measurement
+    for t in leaves:
+        t.grad = None
+    if not feat.is_cuda:
+        row["peak_mib"] = None
+        return row
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    full()
+    torch.cuda.synchronize()
+    row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    for t in leaves:
+        t.grad = None
+    return row
+
+
+def check_agreement(impls, head, feat0: torch.Tensor, grad: torch.Tensor) -> dict[str, float]:
+    """Relative differences of each implementation's tokens and gradients (feat, conv, GroupNorm weight and
+    bias) from the eager reference."""
+    results = {}
+    for name, fn in impls.items():
+        feat = feat0.detach().clone().requires_grad_()
+        head.zero_grad(set_to_none=True)
+        tokens = fn(feat)
+        tokens.backward(grad)
+        results[name] = [t.detach().double() for t in (tokens, feat.grad, *(p.grad for p in head.parameters()))]
+    head.zero_grad(set_to_none=True)
+    ref = results["eager"]
+    return {name: max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(r, ref, strict=True))
+            for name, r in results.items() if name != "eager"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=False, help="JSON file for the result rows")
+    parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--in-ch", type=int, default=1280)
+    parser.add_argument("--map", type=int, default=8, help="side of the square feature map")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--groups", type=int, default=32)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_align_head: needs a CUDA GPU (none found); nothing measured.")
+        return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("bench_align_head: TRITON_INTERPRET=1 is set; unset it to time the compiled kernels.")
+        return 0
+    import triton
+
+    torch.manual_seed(0)
+    map_hw = (args.map, args.map)
+    head, feat, grad = make_inputs(args.batch, args.in_ch, map_hw, args.dim, args.tokens, args.groups, "cuda")
+    impls = implementations(head)
+    floors = floor_us(head, feat)
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}; feat {list(feat.shape)} bf16 -> tokens [{args.batch},{args.tokens},{args.dim}], "
+          f"{args.groups} groups")
+    for pass_name, f in floors.items():
+        print(f"  floor {pass_name}: max(bytes {f['bytes_us']:.1f} us at {COPY_BYTES_PER_S / 1e12:.1f} TB/s, "
+              f"GEMM {f['flops_us']:.1f} us at {MATMUL_FLOPS_PER_S / 1e12:.0f} TFLOP/s) = {f['floor_us']:.1f} us")
+    print("  (forward: read feat + W, write tokens, 2*B*HW*C*D FLOPs; backward: read dtokens + feat + W, write "
+          "dfeat + dW, two GEMMs of 2*B*HW*C*D; full: the sum)")
+    for name, diff in check_agreement(impls, head, feat, grad).items():
+        print(f"  {name}: max relative difference from eager (tokens, gradients) = {diff:.2e}")
+
+    quantiles = [0.5, 0.2, 0.8]
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    rows = []
+    header = f"{'impl':<10}{'pass':<10}{'median us':>11}{'p20 us':>9}{'p80 us':>9}{'floor us':>10}{'peak MiB':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, fn in impls.items():
+        timing = measure(fn, head, feat, grad, quantiles)
+        for pass_name in PASSES:
+            median, p20, p80 = (1e3 * t for t in timing[pass_name])
+            peak = timing["peak_mib"] if pass_name == "full" else None
+            floor = floors[pass_name]["floor_us"]
+            print(f"{name:<10}{pass_name:<10}{median:>11.1f}{p20:>9.1f}{p80:>9.1f}{floor:>10.1f}"
+                  f"{peak if peak is not None else float('nan'):>10.1f}")
+            rows.append({
+                "op": "align_head", "impl": name, "pass": pass_name, "median_us": median, "p20_us": p20,
+                "p80_us": p80, **floors[pass_name], "peak_mib": peak, "gpu": gpu,
+                "feat_shape": list(feat.shape), "tokens": args.tokens, "dim": args.dim, "groups": args.groups,
+                "dtype": "bfloat16", "torch": torch.__version__, "triton": triton.__version__, "date": stamp,
+                "command": command,
+            })
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
