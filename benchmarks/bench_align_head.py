@@ -22,6 +22,7 @@ import os
 import sys
 
 import torch
+from bench_common import max_relative_difference, time_passes
 from torch._functorch import config as functorch_config
 
 COPY_BYTES_PER_S = 4.3e12  # H200 copy rate measured in this workplace (DESIGN.md)
@@ -84,41 +85,8 @@ def implementations(head, compile_backend: str = "inductor"):
 def measure(fn, head, feat0: torch.Tensor, grad: torch.Tensor, quantiles, bench=None) -> dict:
     """Times (ms at ``quantiles``) of forward, backward and both by ``bench`` (do_bench's signature; default
     do_bench), and on CUDA the peak memory of forward+backward above the inputs (None elsewhere)."""
-    if bench is None:
-        from triton.testing import do_bench as bench
-
     feat = feat0.detach().clone().requires_grad_()
-    leaves = [feat, *head.parameters()]
-
-    def forward():
-        return fn(feat)
-
-    def full():
-        forward().backward(grad)
-
-    for _ in range(3):  # compile, autotune, allocator warm-up
-        full()
-    backward = functools.partial(forward().backward, grad, retain_graph=True)  # the same graph, again
-    row = {
-        "forward": bench(forward, quantiles=quantiles),
-        "backward": bench(backward, grad_to_none=leaves, quantiles=quantiles),
-        "full": bench(full, grad_to_none=leaves, quantiles=quantiles),
-    }
-    del backward  # frees the retained graph before the memory measurement
-    for t in leaves:
-        t.grad = None
-    if not feat.is_cuda:
-        row["peak_mib"] = None
-        return row
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    full()
-    torch.cuda.synchronize()
-    row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    for t in leaves:
-        t.grad = None
-    return row
+    return time_passes(lambda: fn(feat), grad, [feat, *head.parameters()], quantiles, bench)
 
 
 def check_agreement(impls, head, feat0: torch.Tensor, grad: torch.Tensor) -> dict[str, float]:
@@ -132,9 +100,7 @@ def check_agreement(impls, head, feat0: torch.Tensor, grad: torch.Tensor) -> dic
         tokens.backward(grad)
         results[name] = [t.detach().double() for t in (tokens, feat.grad, *(p.grad for p in head.parameters()))]
     head.zero_grad(set_to_none=True)
-    ref = results["eager"]
-    return {name: max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(r, ref, strict=True))
-            for name, r in results.items() if name != "eager"}
+    return max_relative_difference(results)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import sys
 
 import torch
+from bench_common import max_relative_difference, time_passes
 from torch._functorch import config as functorch_config
 
 COPY_BYTES_PER_S = 4.3e12  # H200 copy rate measured in this workplace (DESIGN.md)
@@ -59,38 +59,13 @@ def implementations(upper_only: bool, mask_diag: bool, compile_backend: str = "i
 def measure(fn, x0: torch.Tensor, y: torch.Tensor, manifold_coeff: float, quantiles, bench=None) -> dict:
     """Times (ms at ``quantiles``) of forward, backward and both by ``bench`` (do_bench's signature; default
     do_bench), and on CUDA the peak memory of forward+backward above the inputs (None elsewhere)."""
-    if bench is None:
-        from triton.testing import do_bench as bench
-
     x = x0.detach().clone().requires_grad_()
 
     def forward():
         lt, lm = fn(x, y)
         return lt + manifold_coeff * lm
 
-    def full():
-        forward().backward()
-
-    for _ in range(3):  # compile, autotune, allocator warm-up
-        full()
-    backward = functools.partial(forward().backward, retain_graph=True)  # the same graph, again and again
-    row = {
-        "forward": bench(forward, quantiles=quantiles),
-        "backward": bench(backward, grad_to_none=[x], quantiles=quantiles),
-        "full": bench(full, grad_to_none=[x], quantiles=quantiles),
-    }
-    del backward  # frees the retained graph before the memory measurement
-    x.grad = None
-    if not x.is_cuda:
-        row["peak_mib"] = None
-        return row
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    full()
-    torch.cuda.synchronize()
-    row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return row
+    return time_passes(forward, None, [x], quantiles, bench)
 
 
 def check_agreement(impls, x0, y, manifold_coeff) -> dict[str, float]:
@@ -101,9 +76,7 @@ def check_agreement(impls, x0, y, manifold_coeff) -> dict[str, float]:
         lt, lm = fn(x, y)
         (lt + manifold_coeff * lm).backward()
         results[name] = (lt.detach().double(), lm.detach().double(), x.grad.double())
-    ref = results["eager"]
-    return {name: max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(r, ref, strict=True))
-            for name, r in results.items() if name != "eager"}
+    return max_relative_difference(results)
 
 
 def main(argv: list[str] | None = None) -> int:
