@@ -104,10 +104,14 @@ def build_ds_config(config: Config, path: str | None, world_size: int) -> dict:
     return ds
 
 
-def check_compile_switch(config: Config) -> None:
+def check_switches(config: Config) -> None:
+    """Switches this machine cannot honour stop the run here, before DeepSpeed starts."""
     if config.compile == "deepcompile" and not torch.cuda.is_available():
         raise ConfigError("compile=deepcompile needs CUDA (DeepCompile's op does not build on CPU); "
                           "use compile=inductor or compile=none here")
+    if config.kernels == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("kernels=triton needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU interpreter); "
+                          "use kernels=auto or kernels=torch here")
 
 
 # --- state, seeds, checkpoints ---------------------------------------------------------------------------
@@ -287,7 +291,7 @@ def train(config: Config, args: argparse.Namespace) -> dict:
     from repa_fast.losses import SD15Loss
     from repa_fast.models import build_aligned_unet
 
-    check_compile_switch(config)
+    check_switches(config)
     rank, world, local_rank = init_distributed()
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

@@ -11,7 +11,7 @@ import torch
 
 from repa_fast.config import ConfigError, load_config
 from repa_fast.data.synthetic import write_synthetic_caches
-from repa_fast.train import build_ds_config, check_compile_switch, resolve_ds_config_path
+from repa_fast.train import build_ds_config, check_switches, resolve_ds_config_path
 
 TINY = "configs/tiny.yaml"
 
@@ -49,7 +49,15 @@ def test_yaml_and_ds_config_cannot_disagree(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_deepcompile_without_cuda_is_a_clear_error():
     with pytest.raises(ConfigError, match="deepcompile needs CUDA"):
-        check_compile_switch(load_config(TINY, ["compile=deepcompile"]))
+        check_switches(load_config(TINY, ["compile=deepcompile"]))
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with pytest.raises(ConfigError, match="kernels=triton needs CUDA"):
+            check_switches(load_config(TINY, ["kernels=triton"]))
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    check_switches(load_config(TINY, ["kernels=auto", "compile=inductor"]))
     r = subprocess.run([sys.executable, "-m", "repa_fast.train", "--config", TINY, "compile=deepcompile"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "deepcompile needs CUDA" in r.stderr and "Traceback" not in r.stderr
