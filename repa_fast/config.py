@@ -33,6 +33,8 @@ class Config:
     latent_dir: str = "/data/vae_latents"
     dino_dir: str = "/data/dino_tokens"
     clip_embeddings_path: str = "clip_embeddings_1001.pt"
+    eval_csv_path: str | None = None  # held-out samples (in the same caches) for the periodic alignment
+    # metrics; None: the last 64 samples of csv_path (which are also trained on)
 
     # Model
     model: str = "sd15"  # sd15 | tiny | path to a local diffusers folder (UNet2DConditionModel)

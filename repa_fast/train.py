@@ -329,7 +329,8 @@ def train(config: Config, args: argparse.Namespace) -> dict:
     if config.compile != "none":
         engine.compile(backend="inductor")
     criterion = SD15Loss.from_config(config)
-    eval_batch = held_out_batch(dataset, min(64, len(dataset)), device, dtype, clip_table)
+    eval_set = build_dataset(config, csv_path=config.eval_csv_path) if config.eval_csv_path else dataset
+    eval_batch = held_out_batch(eval_set, min(64, len(eval_set)), device, dtype, clip_table)
 
     state = {"step": 0, "epoch": 0, "position": 0}
     if args.resume:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import lmdb
 import numpy as np
@@ -180,3 +181,19 @@ def test_synthetic_cli(tmp_path, capsys):
     assert "latent_dir" in capsys.readouterr().out
     r = CacheReader(tmp_path / "d" / "dino", shape=(4, 32), layers=["mid", "dec_first"])
     assert len(r) == 10
+
+
+def test_build_dataset_from_config_and_a_held_out_csv(tmp_path, caches):
+    from repa_fast.config import config_from_dict
+    from repa_fast.data.dataset import build_dataset
+
+    held_out = tmp_path / "eval.csv"
+    lines = Path(caches["csv_path"]).read_text().splitlines()
+    held_out.write_text("\n".join(lines[:1] + lines[-4:]) + "\n")
+    config = config_from_dict({**caches, "align_layers": ["mid"], "dino_N": 16,
+                               "dino_D": 32, "eval_csv_path": str(held_out)})
+    assert len(build_dataset(config)) == 37
+    eval_set = build_dataset(config, csv_path=config.eval_csv_path)
+    assert eval_set.ids == [line.split(",")[0] for line in lines[-4:]]
+    with pytest.raises(CacheError, match=r"shape is \[16, 32\], expected \[256, 1024\]"):
+        build_dataset(config_from_dict({**caches, "align_layers": ["mid"]}))

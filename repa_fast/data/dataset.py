@@ -180,8 +180,10 @@ class SD15AlignedDataset(Dataset):
         return sample
 
 
-def build_dataset(config, return_encoder_hidden_states: bool = False) -> SD15AlignedDataset:
-    return SD15AlignedDataset(config.csv_path, config.latent_dir, config.dino_dir, config.clip_embeddings_path,
+def build_dataset(config, return_encoder_hidden_states: bool = False, csv_path=None) -> SD15AlignedDataset:
+    """The dataset a ``Config`` describes (``csv_path`` replaces the config's, e.g. for a held-out list)."""
+    return SD15AlignedDataset(csv_path or config.csv_path, config.latent_dir, config.dino_dir,
+                              config.clip_embeddings_path,
                               config.align_layers, config.cfg_dropout, config.seed,
                               return_encoder_hidden_states, token_shape=(config.dino_N, config.dino_D))
 
