@@ -15,19 +15,14 @@ name, the date and the command. Needs CUDA; without it, says so and exits 0 (it 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
-import os
 import sys
 
 import torch
-from bench_common import max_relative_difference, time_passes
+from bench_common import COPY_BYTES_PER_S, gpu_ready, max_relative_difference, time_passes, time_table
 from torch._functorch import config as functorch_config
 
-COPY_BYTES_PER_S = 4.3e12  # H200 copy rate measured in this workplace (DESIGN.md)
 MATMUL_FLOPS_PER_S = 790e12  # H200 bf16 dense matmul rate measured in this workplace (DESIGN.md)
-PASSES = ("forward", "backward", "full")
 # measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
 # compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
 functorch_config.donated_buffer = False
@@ -113,22 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--groups", type=int, default=32)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_align_head: needs a CUDA GPU (none found); nothing measured.")
+    if not gpu_ready("bench_align_head"):
         return 0
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("bench_align_head: TRITON_INTERPRET=1 is set; unset it to time the compiled kernels.")
-        return 0
-    import triton
 
     torch.manual_seed(0)
     map_hw = (args.map, args.map)
     head, feat, grad = make_inputs(args.batch, args.in_ch, map_hw, args.dim, args.tokens, args.groups, "cuda")
     impls = implementations(head)
     floors = floor_us(head, feat)
-    gpu = torch.cuda.get_device_name()
-    print(f"{gpu}; feat {list(feat.shape)} bf16 -> tokens [{args.batch},{args.tokens},{args.dim}], "
-          f"{args.groups} groups")
+    print(f"{torch.cuda.get_device_name()}; feat {list(feat.shape)} bf16 -> "
+          f"tokens [{args.batch},{args.tokens},{args.dim}], {args.groups} groups")
     for pass_name, f in floors.items():
         print(f"  floor {pass_name}: max(bytes {f['bytes_us']:.1f} us at {COPY_BYTES_PER_S / 1e12:.1f} TB/s, "
               f"GEMM {f['flops_us']:.1f} us at {MATMUL_FLOPS_PER_S / 1e12:.0f} TFLOP/s) = {f['floor_us']:.1f} us")
@@ -137,33 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, diff in check_agreement(impls, head, feat, grad).items():
         print(f"  {name}: max relative difference from eager (tokens, gradients) = {diff:.2e}")
 
-    quantiles = [0.5, 0.2, 0.8]
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
-    rows = []
-    header = f"{'impl':<10}{'pass':<10}{'median us':>11}{'p20 us':>9}{'p80 us':>9}{'floor us':>10}{'peak MiB':>10}"
-    print(header)
-    print("-" * len(header))
-    for name, fn in impls.items():
-        timing = measure(fn, head, feat, grad, quantiles)
-        for pass_name in PASSES:
-            median, p20, p80 = (1e3 * t for t in timing[pass_name])
-            peak = timing["peak_mib"] if pass_name == "full" else None
-            floor = floors[pass_name]["floor_us"]
-            print(f"{name:<10}{pass_name:<10}{median:>11.1f}{p20:>9.1f}{p80:>9.1f}{floor:>10.1f}"
-                  f"{peak if peak is not None else float('nan'):>10.1f}")
-            rows.append({
-                "op": "align_head", "impl": name, "pass": pass_name, "median_us": median, "p20_us": p20,
-                "p80_us": p80, **floors[pass_name], "peak_mib": peak, "gpu": gpu,
-                "feat_shape": list(feat.shape), "tokens": args.tokens, "dim": args.dim, "groups": args.groups,
-                "dtype": "bfloat16", "torch": torch.__version__, "triton": triton.__version__, "date": stamp,
-                "command": command,
-            })
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    fields = {"feat_shape": list(feat.shape), "tokens": args.tokens, "dim": args.dim, "groups": args.groups,
+              "dtype": "bfloat16"}
+    time_table("align_head", impls, lambda fn, q: measure(fn, head, feat, grad, q),
+               {p: f["floor_us"] for p, f in floors.items()}, floors, fields, args.out)
     return 0
 
 

@@ -13,17 +13,12 @@ date and the command. Needs CUDA; without it, says so and exits 0 (it is not par
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 
 import torch
-from bench_common import max_relative_difference, time_passes
+from bench_common import COPY_BYTES_PER_S, gpu_ready, max_relative_difference, time_passes, time_table
 from torch._functorch import config as functorch_config
 
-COPY_BYTES_PER_S = 4.3e12  # H200 copy rate measured in this workplace (DESIGN.md)
-PASSES = ("forward", "backward", "full")
 # measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
 # compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
 functorch_config.donated_buffer = False
@@ -89,50 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-diag", action="store_true")
     parser.add_argument("--manifold-coeff", type=float, default=3.0)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_align_loss: needs a CUDA GPU (none found); nothing measured.")
+    if not gpu_ready("bench_align_loss"):
         return 0
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("bench_align_loss: TRITON_INTERPRET=1 is set; unset it to time the compiled kernels.")
-        return 0
-    import triton
 
     torch.manual_seed(0)
     shape = (args.batch, args.tokens, args.dim)
     x, y = make_inputs(shape, "cuda")
     impls = implementations(args.upper_only, args.mask_diag)
     floors = byte_floor_us(x, y)
-    gpu = torch.cuda.get_device_name()
-    print(f"{gpu}; x {list(shape)} bf16, y fp16; upper_only={args.upper_only} mask_diag={args.mask_diag}")
+    print(f"{torch.cuda.get_device_name()}; x {list(shape)} bf16, y fp16; "
+          f"upper_only={args.upper_only} mask_diag={args.mask_diag}")
     for name, diff in check_agreement(impls, x, y, args.manifold_coeff).items():
         print(f"  {name}: max relative difference from eager (losses, dx) = {diff:.2e}")
 
-    quantiles = [0.5, 0.2, 0.8]
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
-    rows = []
-    header = f"{'impl':<10}{'pass':<10}{'median us':>11}{'p20 us':>9}{'p80 us':>9}{'floor us':>10}{'peak MiB':>10}"
-    print(header)
-    print("-" * len(header))
-    for name, fn in impls.items():
-        timing = measure(fn, x, y, args.manifold_coeff, quantiles)
-        for pass_name in PASSES:
-            median, p20, p80 = (1e3 * t for t in timing[pass_name])
-            peak = timing["peak_mib"] if pass_name == "full" else None
-            print(f"{name:<10}{pass_name:<10}{median:>11.1f}{p20:>9.1f}{p80:>9.1f}{floors[pass_name]:>10.1f}"
-                  f"{peak if peak is not None else float('nan'):>10.1f}")
-            rows.append({
-                "op": "align_loss", "impl": name, "pass": pass_name, "median_us": median, "p20_us": p20,
-                "p80_us": p80, "byte_floor_us": floors[pass_name], "peak_mib": peak, "gpu": gpu,
-                "shape": list(shape), "x_dtype": "bfloat16", "y_dtype": "float16",
-                "upper_only": args.upper_only, "mask_diag": args.mask_diag, "torch": torch.__version__,
-                "triton": triton.__version__, "date": stamp, "command": command,
-            })
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    fields = {"shape": list(shape), "x_dtype": "bfloat16", "y_dtype": "float16", "upper_only": args.upper_only,
+              "mask_diag": args.mask_diag}
+    time_table("align_loss", impls, lambda fn, q: measure(fn, x, y, args.manifold_coeff, q), floors,
+               {p: {"byte_floor_us": f} for p, f in floors.items()}, fields, args.out)
     return 0
 
 

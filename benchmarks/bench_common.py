@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
+import json
+import os
+import sys
 
 import torch
+
+COPY_BYTES_PER_S = 4.3e12  # H200 copy rate measured in this workplace (DESIGN.md)
+PASSES = ("forward", "backward", "full")
 
 
 def time_passes(forward, grad, leaves: list[torch.Tensor], quantiles, bench=None) -> dict:
@@ -48,3 +55,47 @@ def max_relative_difference(results: dict[str, list[torch.Tensor]], reference: s
     return {name: max(((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
                       for a, b in zip(r, ref, strict=True))
             for name, r in results.items() if name != reference}
+
+
+def gpu_ready(script: str) -> bool:
+    """True when the compiled kernels can be timed here; otherwise says why (the scripts then exit 0)."""
+    if not torch.cuda.is_available():
+        print(f"{script}: needs a CUDA GPU (none found); nothing measured.")
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print(f"{script}: TRITON_INTERPRET=1 is set; unset it to time the compiled kernels.")
+        return False
+    return True
+
+
+def time_table(op: str, impls: dict, measure_one, floors_us: dict[str, float], floor_fields: dict[str, dict],
+               fields: dict, out: str | None) -> list[dict]:
+    """Time every implementation (``measure_one(fn, quantiles)``), print one table with the floor beside each
+    pass, and return (and with ``out``, write as JSON) one row per implementation and pass."""
+    import triton
+
+    quantiles = [0.5, 0.2, 0.8]
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    header = f"{'impl':<10}{'pass':<10}{'median us':>11}{'p20 us':>9}{'p80 us':>9}{'floor us':>10}{'peak MiB':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, fn in impls.items():
+        timing = measure_one(fn, quantiles)
+        for pass_name in PASSES:
+            median, p20, p80 = (1e3 * t for t in timing[pass_name])
+            peak = timing["peak_mib"] if pass_name == "full" else None
+            print(f"{name:<10}{pass_name:<10}{median:>11.1f}{p20:>9.1f}{p80:>9.1f}{floors_us[pass_name]:>10.1f}"
+                  f"{peak if peak is not None else float('nan'):>10.1f}")
+            rows.append({"op": op, "impl": name, "pass": pass_name, "median_us": median, "p20_us": p20,
+                         "p80_us": p80, **floor_fields[pass_name], "peak_mib": peak, "gpu": gpu, **fields,
+                         "torch": torch.__version__, "triton": triton.__version__, "date": stamp,
+                         "command": command})
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} rows to {out}")
+    return rows
