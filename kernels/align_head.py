@@ -78,6 +78,28 @@ def _gelu(z):
     return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
 
 
+@triton.jit
+def _recompute_act(x_hat, gamma, beta, mask):
+    """act = GELU(x_hat * gamma + beta) in fp32, recomputed from the saved map (the backward kernels)."""
+    act = tl.where(mask, _gelu(x_hat * gamma[None, :] + beta[None, :]), 0.0)
+    return act
+
+
+@triton.jit
+def _token_chunk(interp_ptr, act, act_lp, offs_t, mask_t, offs_p, mask_p, stride_in,
+                 UPSAMPLE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Unnormalised tokens of one chunk, u = M[offs_t] @ act, and the bilinear rows m used (map == grid:
+    one chunk, token t is map position t, and m is unused)."""
+    if UPSAMPLE:
+        m = tl.load(interp_ptr + offs_t[:, None] * stride_in + offs_p[None, :],
+                    mask=mask_t[:, None] & mask_p[None, :], other=0.0)
+        u = tl.dot(m, act_lp, input_precision=DOT_PRECISION)
+    else:
+        m = act_lp
+        u = act
+    return m, u
+
+
 # --------------------------------------------------------------------------------------------------
 # Forward.
 
@@ -196,18 +218,14 @@ def _align_head_token_dot_kernel(
                     mask=mask, other=0.0).to(tl.float32)
     gamma = tl.load(gamma_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    act = tl.where(mask, _gelu(x_hat * gamma[None, :] + beta[None, :]), 0.0)
+    act = _recompute_act(x_hat, gamma, beta, mask)
     act_lp = act.to(xhat_ptr.dtype.element_ty)
 
     for t0 in range(0, N, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < N
-        if UPSAMPLE:
-            m = tl.load(interp_ptr + offs_t[:, None] * stride_in + offs_p[None, :],
-                        mask=mask_t[:, None] & mask_p[None, :], other=0.0)
-            u = tl.dot(m, act_lp, input_precision=DOT_PRECISION)
-        else:  # map == grid: one chunk, token t is map position t
-            u = act
+        _, u = _token_chunk(interp_ptr, act, act_lp, offs_t, mask_t, offs_p, mask_p, stride_in, UPSAMPLE,
+                            DOT_PRECISION)
         g = tl.load(grad_ptr + i_b * stride_gb + offs_t[:, None].to(tl.int64) * stride_gn + offs_d[None, :],
                     mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         tl.store(part_ptr + i_b * stride_pb + i_d * stride_pk + offs_t, tl.sum(g * u, axis=1), mask=mask_t)
@@ -239,19 +257,15 @@ def _align_head_backward_kernel(
     gamma = tl.load(gamma_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     x_hat = tl.load(xhat_ptr + offs_m, mask=mask, other=0.0).to(tl.float32)
-    act = tl.where(mask, _gelu(x_hat * gamma[None, :] + beta[None, :]), 0.0)
+    act = _recompute_act(x_hat, gamma, beta, mask)
     act_lp = act.to(xhat_ptr.dtype.element_ty)
 
     d_act = tl.zeros((BLOCK_HW, GROUPS_PER_BLOCK * GROUP_BLOCK), dtype=tl.float32)
     for t0 in range(0, N, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < N
-        if UPSAMPLE:
-            m = tl.load(interp_ptr + offs_t[:, None] * stride_in + offs_p[None, :],
-                        mask=mask_t[:, None] & mask_p[None, :], other=0.0)
-            u = tl.dot(m, act_lp, input_precision=DOT_PRECISION)
-        else:
-            u = act
+        m, u = _token_chunk(interp_ptr, act, act_lp, offs_t, mask_t, offs_p, mask_p, stride_in, UPSAMPLE,
+                            DOT_PRECISION)
         g = tl.load(grad_ptr + i_b * stride_gb + offs_t[:, None].to(tl.int64) * stride_gn + offs_d[None, :],
                     mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         rstd_t = tl.load(tok_rstd_ptr + i_b * stride_rb + offs_t, mask=mask_t, other=0.0)
