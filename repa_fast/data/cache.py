@@ -200,13 +200,17 @@ class CacheReader:
             raise CacheError(f"{self.path}: record {key!r} has {len(buf)} bytes, expected {self.nbytes} "
                              f"({self.dtype.name} {list(self.shape)})")
 
+    def view(self, txn: lmdb.Transaction, key: str) -> np.ndarray:
+        """Record ``key`` as a checked array view of the memory map, valid while ``txn`` (opened with
+        ``buffers=True`` on ``self.env``) is open."""
+        buf = txn.get(key.encode())
+        self._check(key, buf)
+        return np.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
+
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Copy record ``key`` straight from the memory map into ``out`` (one copy, no bytes object)."""
         with self.env.begin(buffers=True) as txn:
-            buf = txn.get(key.encode())
-            self._check(key, buf)
-            src = np.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
-            out.numpy()[...] = src
+            out.numpy()[...] = self.view(txn, key)
         return out
 
     def get(self, key: str) -> torch.Tensor:

@@ -115,10 +115,6 @@ class LMDBBatchSource:
             self._pid = os.getpid()
         return self._txns[1]
 
-    def _view(self, reader: CacheReader, txn, key: str) -> np.ndarray:
-        buf = txn.get(key.encode())
-        reader._check(key, buf)  # a missing or short record names its file and key
-        return np.frombuffer(buf, dtype=reader.dtype).reshape(reader.shape)
 
     def __call__(self, info) -> tuple:
         # BatchInfo (batch_info=True); a plain iteration number otherwise
@@ -132,8 +128,8 @@ class LMDBBatchSource:
         latent_txn, dino_txn = self._transactions()
         ids = [self.ids[i] for i in batch]
         # A batch is a list of per-sample arrays: views of the LMDB map, copied once, into shared memory.
-        latent = [self._view(self.latents, latent_txn, sample_id) for sample_id in ids]
-        tokens = [[self._view(self.dino, dino_txn, dino_key(sample_id, layer)) for sample_id in ids]
+        latent = [self.latents.view(latent_txn, sample_id) for sample_id in ids]
+        tokens = [[self.dino.view(dino_txn, dino_key(sample_id, layer)) for sample_id in ids]
                   for layer in self.align_layers]
         class_id = apply_cfg_dropout(self.class_ids[batch], self.seed, self.epoch + epoch_idx, batch,
                                      self.cfg_dropout, self.null_class)
