@@ -71,8 +71,9 @@ def implementations(head, compile_backend: str = "inductor"):
     conv, norm = head.proj[0], head.proj[1]
     fused = functools.partial(align_head, conv_weight=conv.weight, gn_weight=norm.weight, gn_bias=norm.bias,
                               num_groups=norm.num_groups, grid=head.grid, eps=norm.eps)
-    # max-autotune: inductor's best (Triton GEMM templates autotuned); other backends take no mode.
-    mode = "max-autotune" if compile_backend == "inductor" else None
+    # inductor at its best (autotuned Triton GEMM templates) but without CUDA graphs: the timing loop keeps
+    # outputs across calls, which graph replay overwrites (the first H200 run failed so); other backends: no mode.
+    mode = "max-autotune-no-cudagraphs" if compile_backend == "inductor" else None
     return {"eager": head.reference, "compiled": torch.compile(head.reference, backend=compile_backend, mode=mode),
             "fused": fused}
 
