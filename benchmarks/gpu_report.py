@@ -17,12 +17,13 @@ table last. Parts (``--parts``):
             step without, with the reference (kernels=torch) and the fused (kernels=triton) alignment path.
             A plain torch step (AdamW on the bf16 trainable parameters, eager U-Net, one fixed batch), so
             that only the alignment differs.
-  step      the whole training step as repa_fast.train runs it: torch loader over synthetic LMDB caches of
-            the real shapes, CLIP table gather, SD15Loss, DeepSpeed single rank (deepspeed.initialize with
-            the ds_config that build_ds_config fills from the YAML), backward, step, EMA, hooks cleared.
+  step      the whole training step as repa_fast.train runs it: its own ``setup`` (DeepSpeed single rank with
+            the ds_config that build_ds_config fills from the YAML, the start-up self-checks) and
+            ``train_step`` (CLIP table gather, SD15Loss: one forward of U-Net + heads + alignment loss,
+            backward, step, EMA), torch loader over synthetic LMDB caches of the real shapes.
             reference: kernels torch, compile none, ds_configs/zero0.json (the baseline of every switch);
-            fast: kernels triton, compile = engine.compile(backend="inductor") of SD15UNetAligned with its
-            hooks, ds_configs/zero2.json. Both use the torch loader: the DALI wheel cannot travel to the GPU
+            fast: kernels triton, compile = engine.compile(backend="inductor") of the whole forward,
+            ds_configs/zero2.json. Both use the torch loader: the DALI wheel cannot travel to the GPU
             machine (its CPU figures are in results/loader_cpu.md).
 
 --tiny runs the same code on CPU in seconds (or on a GPU at tiny shapes): tiny U-Net (configs/tiny.yaml),
@@ -233,20 +234,17 @@ def overhead_rows(mode: Mode) -> list[dict]:
             t = criterion.sample_time(latent.shape[0], device, gen)
             noise = torch.randn(latent.shape, generator=gen, device=device, dtype=torch.float32)
             x_t, target, unet_t = criterion.interpolate(latent, noise, t)
-            loss = F.mse_loss(model(x_t.to(dtype), unet_t, ehs).float(), target)
+            loss = F.mse_loss(model(x_t.to(dtype), unet_t, ehs, keep_features=False).float(), target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.clear_features()
         return loss.detach()
 
     settings = {"no alignment": None, "kernels=torch": "torch", "kernels=triton": "triton"}
     results = {}
     for name, kernels in settings.items():
         if kernels is not None:
-            criterion.kernels = kernels
-            for head in model.align_heads.values():
-                head.kernels = kernels
+            model.set_kernels(kernels)
         results[name] = time_steps(lambda k=kernels: step(k is not None), mode.warmup, mode.steps, device)
     base = results["no alignment"]["median_ms"]
     what = (f"{config.model} U-Net, LoRA r{config.lora_rank} {config.lora_targets}, B={config.batch_size}, "
@@ -260,58 +258,29 @@ def overhead_rows(mode: Mode) -> list[dict]:
 # --- part 3: the whole step, reference vs fast -----------------------------------------------------------------
 
 def run_whole_steps(mode: Mode, config, rank: int, world: int) -> dict:
-    """The launcher's step (repa_fast.train.train's loop body, single rank) timed over one epoch of the cache."""
-    import deepspeed
-
-    from repa_fast.data.cache import load_clip_table
-    from repa_fast.data.dataset import build_dataset
+    """The launcher's own set-up and step (repa_fast.train.setup, self-checks included, and train_step),
+    timed over one epoch of the cache."""
     from repa_fast.data.loader import build_loader
-    from repa_fast.ema import EMA
-    from repa_fast.losses import SD15Loss
-    from repa_fast.models import build_aligned_unet
-    from repa_fast.train import DTYPES, build_ds_config, step_generator
+    from repa_fast.train import setup, train_step
 
-    device, dtype = mode.device, DTYPES[config.mixed_precision]
-    torch.manual_seed(config.seed)
-    with device:
-        model = build_aligned_unet(config)  # fp32, as the launcher: DeepSpeed casts it for bf16
-    dataset = build_dataset(config)
-    clip_table = load_clip_table(config.clip_embeddings_path, num_rows=dataset.null_class + 1,
-                                 dim=model.unet.config.cross_attention_dim).to(device, dtype)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
-                                  weight_decay=config.weight_decay)
-    ds_config = build_ds_config(config, config.ds_config, world)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    module = engine.module
-    ema = EMA(module, config.ema_decay)
-    if config.compile != "none":
-        engine.compile(backend=mode.compile_backend)
-    criterion = SD15Loss.from_config(config)
-    loader = build_loader(config, dataset, rank=rank, world=world, device=device, dtype=dtype)
+    run = setup(config, argparse.Namespace(ds_config=config.ds_config), compile_backend=mode.compile_backend)
+    loader = build_loader(config, run.dataset, rank=rank, world=world, device=run.device, dtype=run.dtype)
     batches, counter = iter(loader), itertools.count(1)
 
     def step():
-        n = next(counter)
-        batch = next(batches)
-        ehs = clip_table[batch["class_id"]]
-        losses = criterion(engine, batch["latent"], batch["dino_tokens"], ehs,
-                           generator=step_generator(config.seed, rank, n, device))
-        engine.backward(losses["loss"])
-        engine.step()
-        ema.update(module)
-        module.clear_features()
+        losses, _ = train_step(run, next(batches), next(counter))
         return losses["loss"].detach()
 
     try:
-        result = time_steps(step, mode.warmup, mode.steps, device)
+        result = time_steps(step, mode.warmup, mode.steps, run.device)
     finally:
         loader.close()
-        engine.destroy()
+        run.engine.destroy()
     result["samples_per_s"] = config.batch_size * 1e3 / result["median_ms"]
     result["settings"] = {"kernels": config.kernels, "compile": config.compile,
                           "compile_backend": mode.compile_backend if config.compile != "none" else None,
                           "ds_config": config.ds_config,
-                          "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+                          "zero_stage": run.engine.zero_optimization_stage(),
                           "loader": config.loader, "num_workers": config.num_workers,
                           "mixed_precision": config.mixed_precision}
     return result
@@ -333,7 +302,7 @@ def step_rows(mode: Mode) -> list[dict]:
                                        latent_shape=(4, unet["sample_size"], unet["sample_size"]),
                                        num_tokens=base.dino_N, dino_D=base.dino_D,
                                        clip_shape=(77, unet["cross_attention_dim"]))
-        data = [f"{k}={v}" for k, v in paths.items()]
+        data = [f"{k}={v}" for k, v in paths.items()] + [f"output_dir={tmp}/run"]
         for name, overrides in STEP_PATHS.items():
             if not mode.compile_step:
                 overrides = tuple("compile=none" if o.startswith("compile=") else o for o in overrides)

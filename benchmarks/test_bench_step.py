@@ -46,7 +46,6 @@ def make_step(kernels: str):
         losses["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.clear_features()
         return {k: v.detach() for k, v in losses.items()}
 
     return model, step

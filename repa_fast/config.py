@@ -51,7 +51,10 @@ class Config:
     prediction: str = "v"  # v | epsilon
     path_type: str = "linear"  # linear | cosine | ddpm
     weighting: str = "uniform"  # uniform | lognormal
-    align_coeff: float = 0.8
+    align_coeff: float = 0.8  # lambda's peak value
+    align_warmup_steps: int = 0  # lambda rises linearly over these steps (the SD-1.5 fork: 3000)
+    align_schedule: str = "constant"  # constant | cosine (decays to 0 at align_stop_step or max_steps) | stop
+    align_stop_step: int | None = None  # alignment off after this step (cosine: where it reaches 0; stop: needed)
     manifold_coeff: float = 3.0
     manifold_upper_only: bool = False
     manifold_mask_diag: bool = False
@@ -76,13 +79,17 @@ class Config:
 
     # Switches (DESIGN.md): the first value of each is the reference baseline
     kernels: str = "torch"  # torch | triton | auto (triton on CUDA)
-    loader: str = "torch"  # torch | dali
+    loader: str = "torch"  # torch | dali | auto (dali when installed)
     compile: str = "none"  # none | inductor | deepcompile
     ds_config: str | None = None  # path to a DeepSpeed JSON; None: ds_configs/zero2.json
     num_workers: int = 4
     prefetch: int = 2
+    reference: bool = False  # true: the reference path, every switch at its baseline (REFERENCE_SWITCHES)
 
     def __post_init__(self) -> None:
+        if self.reference:
+            for key, value in REFERENCE_SWITCHES.items():
+                setattr(self, key, value)
         for key, choices in CHOICES.items():
             value = getattr(self, key)
             values = value if isinstance(value, list) else [value]
@@ -100,6 +107,15 @@ class Config:
                     "eval_interval", "save_interval", "prefetch"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"config key {key!r}: must be positive, got {getattr(self, key)}")
+        if self.align_warmup_steps < 0:
+            raise ConfigError(f"config key 'align_warmup_steps': must be >= 0, got {self.align_warmup_steps}")
+        if self.align_stop_step is not None and self.align_stop_step <= 0:
+            raise ConfigError(f"config key 'align_stop_step': must be positive, got {self.align_stop_step}")
+        if self.align_schedule == "stop" and self.align_stop_step is None:
+            raise ConfigError("config key 'align_schedule': 'stop' needs align_stop_step (the last aligned step)")
+        if self.align_schedule == "constant" and self.align_stop_step is not None:
+            raise ConfigError("config key 'align_stop_step': the constant schedule never stops; "
+                              "set align_schedule: stop (or cosine, which decays to 0 there)")
         if self.num_workers < 0:
             raise ConfigError(f"config key 'num_workers': must be >= 0, got {self.num_workers}")
         for key in ("cfg_dropout", "ema_decay"):
@@ -114,15 +130,19 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# `reference: true`: the baseline of every benchmark, whatever the config file selects.
+REFERENCE_SWITCHES = {"kernels": "torch", "loader": "torch", "compile": "none", "ds_config": "zero0"}
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "align_layers": ALIGN_LAYERS,
     "lora_targets": ("attn+conv", "attention-only"),
     "prediction": ("v", "epsilon"),
     "path_type": ("linear", "cosine", "ddpm"),
     "weighting": ("uniform", "lognormal"),
+    "align_schedule": ("constant", "cosine", "stop"),
     "mixed_precision": ("bf16", "fp16", "no"),
     "kernels": ("torch", "triton", "auto"),
-    "loader": ("torch", "dali"),
+    "loader": ("torch", "dali", "auto"),
     "compile": ("none", "inductor", "deepcompile"),
 }
 

@@ -370,13 +370,10 @@ class _Evaluation:
             t_vec = (torch.full((B,), int(t), dtype=torch.long, device=latent.device)
                      if self.path.path_type == "ddpm" else torch.full((B,), float(t), device=latent.device))
             x_t, target, unet_t = self.path.interpolate(latent, noise, t_vec)
-            self.model.clear_features()
-            out = self.model(x_t.to(dtype), unet_t, ehs.to(dtype))
-            tokens = self.model.get_aligned_tokens()
-            self.model.clear_features()
-            self.sq_err[t] += float(F.mse_loss(out.float(), target, reduction="sum"))
+            out = self.model(x_t.to(dtype), unet_t, ehs.to(dtype), return_tokens=True)  # prediction + tokens
+            self.sq_err[t] += float(F.mse_loss(out.sample.float(), target, reduction="sum"))
             self.numel[t] += target.numel()
-            for layer, pred in tokens.items():
+            for layer, pred in out.tokens.items():
                 self.stats[t][layer].add(pred, batch["dino_tokens"][layer])
 
     def result(self, k: int, cca_dims: int, cca_ridge: float) -> dict:
@@ -414,7 +411,6 @@ class _TrainMode:
 
     def __exit__(self, *exc):
         self.model.train(self.was_training)
-        self.model.clear_features()
 
 
 def evaluate(model, dataset, config: Config, timesteps=None, indices: Sequence[int] | None = None,

@@ -6,7 +6,8 @@ This file is the definition the Triton kernels are tested against. Everything is
     L_token    = mean_{b,n} (1 - <x_bn/|x_bn|, y_bn/|y_bn|>)          (zero rows: cosine 0)
     p_b        = normalize(mean_n normalize(x_bn)),  q_b likewise from y
     L_manifold = mean over kept (b, c) of (p_b.p_c - q_b.q_c)^2      (upper_only: b <= c; mask_diag: b != c)
-    loss       = L_diff + align_coeff * (L_token + manifold_coeff * L_manifold)
+    loss       = L_diff + lambda(step) * (L_token + manifold_coeff * L_manifold)
+    lambda     = align_coeff * warm-up * schedule (``align_lambda``)
 """
 
 from __future__ import annotations
@@ -62,16 +63,43 @@ def manifold_gram_loss(x_tokens: torch.Tensor, y_tokens: torch.Tensor, upper_onl
     return (diff.square() * keep).sum() / kept
 
 
+class AlignmentLoss:
+    """(L_token, L_manifold) of one layer's predicted tokens against its DINO tokens: the reference math
+    above or the fused kernels (the ``kernels`` switch).
+
+    ``fuses_with(head, feat)`` says whether a head can score its targets itself in the fused REPA branch
+    (the source design's head on the triton path, sample-form manifold loss): then the [B, N, D] tokens
+    are never written; ``fused`` runs it through the head's ``__call__`` (so ZeRO-3 gathers its weights).
+    """
+
+    def __init__(self, upper_only: bool = False, mask_diag: bool = False, kernels: str = "torch"):
+        self.upper_only, self.mask_diag, self.kernels = upper_only, mask_diag, kernels
+
+    @classmethod
+    def from_config(cls, config) -> AlignmentLoss:
+        return cls(config.manifold_upper_only, config.manifold_mask_diag, config.kernels)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape != y.shape:
+            raise ValueError(f"alignment loss: predicted tokens {list(x.shape)} and DINO tokens {list(y.shape)} "
+                             f"differ")
+        if use_triton(self.kernels, x.device) and not y.requires_grad:
+            from repa_fast.kernels.align_loss import align_loss
+
+            return align_loss(x, y, self.upper_only, self.mask_diag)
+        return token_loss(x, y), manifold_gram_loss(x, y, self.upper_only, self.mask_diag)
+
+    def fuses_with(self, head, feat: torch.Tensor) -> bool:
+        return getattr(head, "fused_branch", False) and use_triton(self.kernels, feat.device)
+
+    def fused(self, head, feat: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return head(feat, target=y, upper_only=self.upper_only, mask_diag=self.mask_diag)
+
+
 def alignment_losses(x: torch.Tensor, y: torch.Tensor, upper_only: bool = False, mask_diag: bool = False,
                      kernels: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """(L_token, L_manifold) for one layer, by the reference or the fused kernel (``kernels`` switch)."""
-    if x.shape != y.shape:
-        raise ValueError(f"alignment loss: predicted tokens {list(x.shape)} and DINO tokens {list(y.shape)} differ")
-    if use_triton(kernels, x.device) and not y.requires_grad:
-        from repa_fast.kernels.align_loss import align_loss
-
-        return align_loss(x, y, upper_only, mask_diag)
-    return token_loss(x, y), manifold_gram_loss(x, y, upper_only, mask_diag)
+    return AlignmentLoss(upper_only, mask_diag, kernels)(x, y)
 
 
 # --- noise paths -------------------------------------------------------------------------------------
@@ -85,8 +113,35 @@ def sd15_alphas_cumprod(device=None) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+ALIGN_SCHEDULES = ("constant", "cosine", "stop")
+
+
+def align_lambda(step: int, align_coeff: float, warmup_steps: int = 0, schedule: str = "constant",
+                 stop_step: int | None = None, max_steps: int | None = None) -> float:
+    """The alignment weight at ``step`` (1-based), a pure function of the step (so resume reproduces it).
+
+    lambda = align_coeff * min(1, step / warmup_steps) * decay, where decay is
+      constant  1
+      cosine    0.5 (1 + cos(pi (step - warmup) / (end - warmup))), end = stop_step or max_steps: 0 at end
+      stop      1 up to stop_step, 0 after (alignment off late in long runs)
+    and lambda = 0 after ``stop_step`` whatever the schedule.
+    """
+    if schedule not in ALIGN_SCHEDULES:
+        raise ValueError(f"align_schedule {schedule!r} is not one of {list(ALIGN_SCHEDULES)}")
+    if stop_step is not None and step > stop_step:
+        return 0.0
+    lam = align_coeff * (min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0)
+    if schedule == "cosine":
+        end = stop_step if stop_step is not None else max_steps
+        if end is None:
+            raise ValueError("align_schedule 'cosine' needs align_stop_step or max_steps")
+        progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, end - warmup_steps)))
+        lam *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lam
+
+
 class SD15Loss:
-    """Denoising loss on one of three noise paths plus the alignment loss over the align layers.
+    """Denoising loss on one of three noise paths plus the weighted alignment loss, from ONE forward.
 
     path_type:
       linear  x_t = (1-t) x0 + t eps            (REPA's interpolant; t in (0,1), U-Net timestep 999 t)
@@ -97,26 +152,39 @@ class SD15Loss:
       epsilon  eps
     weighting: ``uniform`` t ~ U(0,1); ``lognormal`` sigma = exp(N(0,1)) mapped to t as in REPA
       (linear: sigma/(1+sigma); cosine: 2/pi atan(sigma); ddpm: floor(1000 sigma/(1+sigma))).
+
+    loss = mse(pred, target) + lambda(step) * (L_token + manifold_coeff * L_manifold), L_* averaged over
+    the align layers and computed inside the model's forward (see ``SD15UNetAligned``); lambda from
+    ``align_lambda``. While lambda is 0 the heads do not run.
     """
 
     def __init__(self, prediction: str = "v", path_type: str = "linear", weighting: str = "uniform",
-                 align_coeff: float = 0.8, manifold_coeff: float = 3.0, manifold_upper_only: bool = False,
-                 manifold_mask_diag: bool = False, kernels: str = "torch"):
+                 align_coeff: float = 0.8, manifold_coeff: float = 3.0, align_warmup_steps: int = 0,
+                 align_schedule: str = "constant", align_stop_step: int | None = None,
+                 max_steps: int | None = None):
         for name, value, choices in (("prediction", prediction, ("v", "epsilon")),
                                      ("path_type", path_type, ("linear", "cosine", "ddpm")),
-                                     ("weighting", weighting, ("uniform", "lognormal"))):
+                                     ("weighting", weighting, ("uniform", "lognormal")),
+                                     ("align_schedule", align_schedule, ALIGN_SCHEDULES)):
             if value not in choices:
                 raise ValueError(f"SD15Loss: option {name!r} = {value!r} is not one of {list(choices)}")
         self.prediction, self.path_type, self.weighting = prediction, path_type, weighting
         self.align_coeff, self.manifold_coeff = align_coeff, manifold_coeff
-        self.upper_only, self.mask_diag = manifold_upper_only, manifold_mask_diag
-        self.kernels = kernels
+        self.align_warmup_steps, self.align_schedule = align_warmup_steps, align_schedule
+        self.align_stop_step, self.max_steps = align_stop_step, max_steps
 
     @classmethod
     def from_config(cls, config) -> SD15Loss:
         return cls(config.prediction, config.path_type, config.weighting, config.align_coeff,
-                   config.manifold_coeff, config.manifold_upper_only, config.manifold_mask_diag, config.kernels)
+                   config.manifold_coeff, config.align_warmup_steps, config.align_schedule,
+                   config.align_stop_step, config.max_steps)
 
+    def align_weight(self, step: int | None) -> float:
+        """lambda at ``step``; ``None`` (outside a run): ``align_coeff``."""
+        if step is None:
+            return self.align_coeff
+        return align_lambda(step, self.align_coeff, self.align_warmup_steps, self.align_schedule,
+                            self.align_stop_step, self.max_steps)
     def sample_time(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """t in (0, 1) for linear/cosine, integer t in [0, 999] for ddpm; shape [batch]."""
         if self.weighting == "uniform":
@@ -152,11 +220,12 @@ class SD15Loss:
         target = noise if self.prediction == "epsilon" else d_alpha * x0 + d_sigma * noise
         return x_t, target, timestep.to(x0.dtype) if timestep.is_floating_point() else timestep
 
-    def __call__(self, unet, clean_latents: torch.Tensor, dino_tokens: dict[str, torch.Tensor],
-                 encoder_hidden_states: torch.Tensor, timesteps: torch.Tensor | None = None,
+    def __call__(self, model, clean_latents: torch.Tensor, dino_tokens: dict[str, torch.Tensor],
+                 encoder_hidden_states: torch.Tensor, step: int | None = None, timesteps: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The loss dict of one step. ``timesteps`` are path times (floats in (0,1), or integers for ddpm)."""
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor | float]:
+        """The loss dict of one step (tensors, plus ``lambda`` as a float). ``timesteps`` are path times
+        (floats in (0,1), or integers for ddpm); ``step`` (1-based) sets lambda."""
         B = clean_latents.shape[0]
         if timesteps is None:
             timesteps = self.sample_time(B, clean_latents.device, generator)
@@ -164,26 +233,21 @@ class SD15Loss:
             noise = torch.randn(clean_latents.shape, generator=generator, device=clean_latents.device,
                                 dtype=torch.float32)
         x_t, target, unet_t = self.interpolate(clean_latents, noise, timesteps)
-        dtype = encoder_hidden_states.dtype
-        output = unet(x_t.to(dtype), unet_t, encoder_hidden_states)
-        loss_diff = F.mse_loss(output.float(), target)
-
-        tokens = unet.get_aligned_tokens()
-        missing = [name for name in tokens if name not in dino_tokens]
-        if missing:
-            raise KeyError(f"SD15Loss: no DINO tokens for align layer(s) {missing} (batch has {list(dino_tokens)})")
-        token_terms, manifold_terms = [], []
-        for name, pred in tokens.items():
-            lt, lm = alignment_losses(pred, dino_tokens[name], self.upper_only, self.mask_diag, self.kernels)
-            token_terms.append(lt)
-            manifold_terms.append(lm)
-        loss_token = torch.stack(token_terms).mean()
-        loss_manifold = torch.stack(manifold_terms).mean()
+        x_t = x_t.to(encoder_hidden_states.dtype)
+        lam = self.align_weight(step)
+        if lam > 0:  # one forward: prediction + the alignment losses of every align layer
+            out = model(x_t, unet_t, encoder_hidden_states, target_tokens=dino_tokens)
+            loss_token, loss_manifold = out.loss_token, out.loss_manifold
+        else:  # alignment off: the U-Net alone
+            out = model(x_t, unet_t, encoder_hidden_states, return_dict=True, keep_features=False)
+            loss_token = loss_manifold = out.sample.new_zeros((), dtype=torch.float32)
+        loss_diff = F.mse_loss(out.sample.float(), target)
         loss_align = loss_token + self.manifold_coeff * loss_manifold
         return {
-            "loss": loss_diff + self.align_coeff * loss_align,
+            "loss": loss_diff + lam * loss_align,
             "loss_diff": loss_diff,
             "loss_token": loss_token,
             "loss_manifold": loss_manifold,
             "loss_align": loss_align,
+            "lambda": lam,
         }

@@ -4,10 +4,21 @@
     repa-fast-train --config configs/tiny.yaml            # one process
     python -m repa_fast.train --config ... --resume latest
 
-The source design's loop (AdamW 0.9/0.999, cosine schedule with 10 % warm-up, clipping, EMA, hooks
-cleared every step) under DeepSpeed ZeRO. Every piece of randomness is a function of (seed, rank,
-step) or (seed, epoch, index), and a checkpoint carries step, epoch and position in the epoch, so a
-resumed run sees the same batches and noise as an uninterrupted one.
+The source design's loop (AdamW 0.9/0.999, cosine schedule with 10 % warm-up, clipping, EMA) under
+DeepSpeed ZeRO, read top to bottom: ``setup`` (model, data, engine, self-checks), ``resume``,
+``train_step`` (one forward gives the prediction and the alignment losses; backward; optimizer; EMA),
+``StepLog`` (what a step reports, read from the device once per ``log_interval``), ``save``, and
+``train``, the loop. Every piece of randomness is a function of (seed, rank, step) or (seed, epoch,
+index), and a checkpoint carries step, epoch and position in the epoch, so a resumed run sees the same
+batches, noise and alignment weight as an uninterrupted one.
+
+No step copies anything from the device to the host: the losses and the non-finite flags stay on the
+device and are read together once per log interval. A step whose loss is non-finite on any rank is
+skipped on the device: the flag, all-reduced over the ranks, is AdamW's ``found_inf`` (the mechanism
+torch's GradScaler uses), so the fused AdamW leaves the parameters, its moments and its step count
+untouched; the learning-rate schedule and the EMA still advance (the EMA towards unchanged weights).
+At the next log interval the skipped steps are reported with their sample ids (and left out of
+``train_log.jsonl``); ``MAX_NONFINITE_IN_A_ROW`` of them in a row stop the run there.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +44,7 @@ logger = logging.getLogger("repa_fast.train")
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
-MAX_NONFINITE_IN_A_ROW = 5
+MAX_NONFINITE_IN_A_ROW = 5  # skipped steps in a row that stop the run
 LOSS_KEYS = ("loss", "loss_diff", "loss_token", "loss_manifold", "loss_align")
 
 
@@ -138,39 +150,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fault(point: str, step: int) -> None:
-    """Test hook: REPA_FAST_FAULT=point:step kills the process there, as a crash or a kill would."""
-    if os.environ.get("REPA_FAST_FAULT", "") == f"{point}:{step}":
-        sys.stderr.write(f"REPA_FAST_FAULT: dying at {point} step {step}\n")
-        sys.stderr.flush()
-        os._exit(17)
-
-
-def _fault_nan_loss(step: int) -> bool:
-    """Test hook: REPA_FAST_FAULT=nan_loss:K makes the loss of every step from K on non-finite."""
-    spec = os.environ.get("REPA_FAST_FAULT", "")
-    return spec.startswith("nan_loss:") and step >= int(spec.split(":")[1])
-
-
-def save_checkpoint(engine, ckpt_dir: Path, step: int, state: dict, ema, rank: int) -> str:
-    """Save with DeepSpeed, then mark it ``latest`` only once every rank has finished writing.
-
-    ``latest`` is replaced atomically, so a process dying mid-save leaves the previous one in place.
-    """
-    import torch.distributed as dist
-
+def write_checkpoint(engine, ckpt_dir: Path, step: int, state: dict, ema, rank: int) -> str:
+    """Every rank writes its part of checkpoint ``step_{step:08d}`` (DeepSpeed's files, trainer state, EMA,
+    this rank's RNG state); nothing marks it ``latest`` yet."""
     tag = f"step_{step:08d}"
     client_state = {"trainer": state, "ema": ema.state_dict(), "config": state.get("config")}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank:05d}.pt")
-    _fault("save", step)
+    return tag
+
+
+def mark_latest(ckpt_dir: Path, tag: str, rank: int) -> None:
+    """Once every rank has finished writing ``tag``, replace ``latest`` atomically: a process dying
+    mid-save leaves the previous checkpoint marked. (DeepSpeed's own ``latest`` is written by rank 0
+    without waiting for the others, so it is turned off.)"""
+    import torch.distributed as dist
+
     dist.barrier()
     if rank == 0:
         tmp = ckpt_dir / ".latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")
     dist.barrier()
-    return tag
 
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str]:
@@ -191,7 +192,8 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str]:
 # --- the run -----------------------------------------------------------------------------------------
 
 class Logger:
-    """Rank 0: a tqdm bar, TensorBoard (default) or wandb scalars, and ``train_log.jsonl``."""
+    """Rank 0's outputs: a tqdm bar, TensorBoard (default) or wandb scalars, ``train_log.jsonl`` (one line a
+    step) and ``nonfinite_samples.jsonl`` (the skipped steps and the sample ids of every rank)."""
 
     def __init__(self, config: Config, out: Path, report_to: str, rank: int, start_step: int):
         self.rank, self.tb, self.wandb, self.bar = rank, None, None, None
@@ -201,9 +203,11 @@ class Logger:
 
         self.bar = tqdm(total=config.max_steps, initial=start_step, desc=config.experiment_name, dynamic_ncols=True)
         self.jsonl_path = out / "train_log.jsonl"
-        if self.jsonl_path.exists():  # drop lines past the resumed step (written after the last checkpoint)
-            kept = [ln for ln in self.jsonl_path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
-            self.jsonl_path.write_text("".join(ln + "\n" for ln in kept))
+        self.nonfinite_path = out / "nonfinite_samples.jsonl"
+        for path in (self.jsonl_path, self.nonfinite_path):
+            if path.exists():  # drop lines past the resumed step (written after the last checkpoint)
+                kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
+                path.write_text("".join(ln + "\n" for ln in kept))
         self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run)
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -216,20 +220,29 @@ class Logger:
                 raise ConfigError("--report-to wandb: the wandb package is not installed (pip install wandb)") from None
             self.wandb = wandb.init(project="repa-fast", name=config.experiment_name, config=config.to_dict())
 
-    def step(self, step: int, record: dict, scalars: dict, log_now: bool) -> None:
+    def step_done(self) -> None:
+        if self.rank == 0:
+            self.bar.update(1)
+
+    def write(self, records: list[dict], skipped: list[dict]) -> None:
         if self.rank != 0:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
-                             samples_s=f"{scalars['samples_per_s']:.1f}")
-        if log_now:
-            self.jsonl.flush()
+        for record in records:
+            self.jsonl.write(json.dumps(record) + "\n")
+            scalars = {k: v for k, v in record.items() if isinstance(v, float)}
             if self.tb is not None:
                 for key, value in scalars.items():
-                    self.tb.add_scalar(f"train/{key}", value, step)
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
             if self.wandb is not None:
-                self.wandb.log(scalars, step=step)
+                self.wandb.log(scalars, step=record["step"])
+        self.jsonl.flush()
+        if skipped:
+            with open(self.nonfinite_path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in skipped)
+        if records:
+            last = records[-1]
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                 samples_s=f"{last['samples_per_s']:.1f}")
 
     def close(self) -> None:
         if self.rank != 0:
@@ -240,6 +253,71 @@ class Logger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class StepLog:
+    """What the steps since the last flush reported. The loss terms and each step's non-finite flag stay
+    on the device; ``flush`` all-reduces them in one collective and reads them in one copy."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.values: list[torch.Tensor] = []  # per step: [len(LOSS_KEYS) + 1] fp32, the loss terms + flag
+        self.meta: list[dict] = []  # per step, host side: step, epoch, lambda, lr, this rank's ids
+        self.samples, self.t_last = 0, time.perf_counter()
+        self.nonfinite_in_a_row = 0
+
+    def add(self, step: int, epoch: int, losses: dict, nonfinite: torch.Tensor, lr: float, ids: list,
+            samples: int) -> None:
+        terms = [losses[k].detach().float().reshape(()) for k in LOSS_KEYS]
+        self.values.append(torch.stack([*terms, nonfinite.reshape(())]))
+        self.meta.append({"step": step, "epoch": epoch, "lambda": float(losses["lambda"]), "lr": lr,
+                          "ids": list(ids)})
+        self.samples += samples
+
+    def flush(self) -> tuple[list[dict], list[dict]]:
+        """(records of the finite steps, records of the skipped ones with every rank's sample ids). Stops
+        the run after ``MAX_NONFINITE_IN_A_ROW`` skipped steps in a row."""
+        import torch.distributed as dist
+
+        if not self.values:
+            return [], []
+        values = torch.stack(self.values)
+        dist.all_reduce(values)  # sums: loss terms over ranks, flags (already equal on every rank)
+        rows = values.tolist()  # the one device -> host copy of the interval
+        now = time.perf_counter()
+        samples_per_s = self.samples / max(now - self.t_last, 1e-9)
+        records, skipped = [], []
+        for meta, row in zip(self.meta, rows, strict=True):
+            if row[-1] > 0:
+                skipped.append(meta)
+            else:
+                records.append({**{k: v / self.world for k, v in zip(LOSS_KEYS, row, strict=False)}, **meta,
+                                "samples_per_s": samples_per_s})
+        if skipped:  # every rank's ids of the skipped batches (a host collective, only when needed)
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, [m["ids"] for m in skipped])
+            for i, meta in enumerate(skipped):
+                meta["ids"] = {str(r): ids[i] for r, ids in enumerate(gathered)}
+        self.values, self.meta, self.samples, self.t_last = [], [], 0, now
+        return records, skipped
+
+    def check_nonfinite(self, records: list[dict], skipped: list[dict]) -> None:
+        """Warn for each skipped step (naming its samples), in step order; stop after too many in a row."""
+        skipped_steps = {m["step"]: m for m in skipped}
+        for step in sorted([r["step"] for r in records] + list(skipped_steps)):
+            if step not in skipped_steps:
+                self.nonfinite_in_a_row = 0
+                continue
+            self.nonfinite_in_a_row += 1
+            ids = skipped_steps[step]["ids"]
+            if self.rank == 0:
+                warnings.warn(f"non-finite loss at step {step}: step skipped ({self.nonfinite_in_a_row} in a row); "
+                              f"its samples by rank: {ids}", RuntimeWarning, stacklevel=1)
+            if self.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise FloatingPointError(
+                    f"{self.nonfinite_in_a_row} non-finite losses in a row, the last at step {step}: stopping "
+                    f"(their samples are in nonfinite_samples.jsonl; lower learning_rate or check those records "
+                    f"with repa-fast-check-cache)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -277,19 +355,45 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
 
 
-def train(config: Config, args: argparse.Namespace) -> dict:
+@dataclass
+class Run:
+    """Everything one rank's loop needs, made by ``setup``."""
+
+    config: Config
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    engine: object  # deepspeed.DeepSpeedEngine
+    module: torch.nn.Module  # the SD15UNetAligned inside the engine
+    optimizer: torch.optim.Optimizer  # the fused AdamW inside DeepSpeed's wrapper
+    scheduler: object
+    ema: object
+    criterion: object  # repa_fast.losses.SD15Loss
+    dataset: object
+    clip_table: torch.Tensor  # [num_classes + 1, 77, 768] on the device; the last row is the empty prompt
+    eval_batch: dict
+    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "position": 0})
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def setup(config: Config, args: argparse.Namespace, compile_backend: str = "inductor") -> Run:
+    """Ranks, the model with its heads, the data, the DeepSpeed engine, EMA; every fast part selected for
+    this run first proves itself against its torch twin (``repa_fast.selfcheck``)."""
     import deepspeed
-    import torch.distributed as dist
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     from repa_fast.data.cache import load_clip_table
     from repa_fast.data.dataset import build_dataset
-    from repa_fast.data.loader import build_loader
     from repa_fast.ema import EMA
-    from repa_fast.evaluate import held_out_batch, run_alignment_eval
-    from repa_fast.export import export_weights
+    from repa_fast.evaluate import held_out_batch
     from repa_fast.losses import SD15Loss
-    from repa_fast.models import build_aligned_unet
+    from repa_fast.models import AlignHead, build_aligned_unet
+    from repa_fast.selfcheck import SelfChecks
 
     check_switches(config)
     rank, world, local_rank = init_distributed()
@@ -298,9 +402,8 @@ def train(config: Config, args: argparse.Namespace) -> dict:
         torch.cuda.set_device(device)
     ds_config = build_ds_config(config, args.ds_config or config.ds_config, world)
     out = Path(config.output_dir)
-    ckpt_dir = out / "checkpoints"
     if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
         logger.info("config: %s", json.dumps(config.to_dict()))
@@ -311,105 +414,140 @@ def train(config: Config, args: argparse.Namespace) -> dict:
     dataset = build_dataset(config)
     clip_table = load_clip_table(config.clip_embeddings_path, num_rows=dataset.null_class + 1,
                                  dim=model.unet.config.cross_attention_dim).to(device, dtype)
+    checks = SelfChecks(config, out if rank == 0 else None)
+    checks.kernels(model, device, dtype)  # may turn kernels=auto to torch, with a warning
+    checks.loader(dataset, rank, world, device, dtype)  # may turn loader=auto to torch
+    for layer in model.untrained_align_layers():
+        warnings.warn(f"align layer {layer!r}: no trainable U-Net parameter runs before its hook "
+                      f"(lora_targets={config.lora_targets!r}, detach_features={config.detach_features}): "
+                      f"its alignment loss trains only its head", UserWarning, stacklevel=1)
+    if config.align_coeff == 0:
+        warnings.warn("align_coeff is 0: the alignment loss trains nothing (plain LoRA fine-tuning)", UserWarning,
+                      stacklevel=1)
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
-        from repa_fast.models import AlignHead
-
         # a head's fused kernel reads its conv and norm weights directly: gather them at the head
         set_z3_leaf_modules(model, [AlignHead])
-    trainable = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.9, 0.999),
-                                  weight_decay=config.weight_decay)
+    # fused: one kernel per step, and `found_inf` lets a non-finite step be dropped on the device
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
+                                  weight_decay=config.weight_decay, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.1 * config.max_steps), config.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
     module = engine.module
-    ema = EMA(module, config.ema_decay)
-    if config.compile != "none":
-        engine.compile(backend="inductor")
-    criterion = SD15Loss.from_config(config)
     eval_set = build_dataset(config, csv_path=config.eval_csv_path) if config.eval_csv_path else dataset
-    eval_batch = held_out_batch(eval_set, min(64, len(eval_set)), device, dtype, clip_table)
+    run = Run(config, out, rank, world, device, dtype, engine, module, optimizer, scheduler,
+              EMA(module, config.ema_decay), SD15Loss.from_config(config), dataset, clip_table,
+              held_out_batch(eval_set, min(64, len(eval_set)), device, dtype, clip_table))
+    if config.compile != "none":
+        # the losses of one eager forward, engine.compile, then the same forward compiled
+        checks.compile(run, lambda engine: compile_engine(engine, compile_backend))
+    checks.write()
+    return run
 
-    state = {"step": 0, "epoch": 0, "position": 0}
+
+def compile_engine(engine, backend: str = "inductor") -> None:
+    """``engine.compile``: the engine's forward (U-Net, hooks, heads and the alignment loss) as one graph;
+    with ``compile: deepcompile`` DeepSpeed's own passes (ZeRO-3 gathers inside the graph) are added."""
+    engine.compile(backend=backend)
+
+
+def resume(run: Run, target: str) -> None:
+    """Load checkpoint ``target`` ('latest' or a folder): engine, optimizer, schedule, EMA, step/epoch/position
+    and this rank's RNG state."""
+    load_dir, tag = resolve_resume(target, run.ckpt_dir)
+    _, client = run.engine.load_checkpoint(str(load_dir), tag=tag)
+    if client is None:
+        raise FileNotFoundError(f"--resume: could not load checkpoint {load_dir / tag}")
+    run.state.update(client["trainer"])
+    run.ema.load_state_dict(client["ema"])
+    rng_file = load_dir / tag / f"rng_rank{run.rank:05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    if run.rank == 0:
+        logger.info("resumed from %s at step %d (epoch %d, sample %d)", load_dir / tag, run.state["step"],
+                    run.state["epoch"], run.state["position"])
+
+
+def train_step(run: Run, batch: dict, step: int) -> tuple[dict, torch.Tensor]:
+    """One optimizer step on this rank's batch. Returns the loss dict (device tensors, lambda a float) and
+    the step's non-finite flag; copies nothing to the host."""
+    import torch.distributed as dist
+
+    # noise and timesteps depend on (seed, rank, step) only: a resumed run draws the same ones
+    gen = step_generator(run.config.seed, run.rank, step, run.device)
+    # the prompt embedding of each class (rows of CFG-dropped samples are the empty prompt's)
+    ehs = run.clip_table[batch["class_id"]]
+    # one forward of the engine: U-Net prediction + the heads + the alignment losses
+    losses = run.criterion(run.engine, batch["latent"], batch["dino_tokens"], ehs, step=step, generator=gen)
+    # a non-finite loss on any rank drops this update on every rank, on the device (AdamW's found_inf)
+    nonfinite = (~torch.isfinite(losses["loss"].detach())).float()
+    dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+    run.optimizer.found_inf = nonfinite
+    run.engine.backward(losses["loss"])
+    run.engine.step()  # clipping, AdamW, the learning-rate schedule
+    run.ema.update(run.module)
+    return losses, nonfinite
+
+
+def save(run: Run, step: int) -> None:
+    """Checkpoint ``step`` on every rank, then mark it ``latest``."""
+    state = dict(run.state, config=run.config.to_dict())
+    tag = write_checkpoint(run.engine, run.ckpt_dir, step, state, run.ema, run.rank)
+    mark_latest(run.ckpt_dir, tag, run.rank)
+
+
+def train(config: Config, args: argparse.Namespace) -> dict:
+    import torch.distributed as dist
+
+    from repa_fast.data.loader import build_loader
+    from repa_fast.evaluate import run_alignment_eval
+    from repa_fast.export import export_weights
+
+    run = setup(config, args)
     if args.resume:
-        load_dir, tag = resolve_resume(args.resume, ckpt_dir)
-        _, client = engine.load_checkpoint(str(load_dir), tag=tag)
-        if client is None:
-            raise FileNotFoundError(f"--resume: could not load checkpoint {load_dir / tag}")
-        state.update(client["trainer"])
-        ema.load_state_dict(client["ema"])
-        rng_file = load_dir / tag / f"rng_rank{rank:05d}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        if rank == 0:
-            logger.info("resumed from %s at step %d (epoch %d, sample %d)", load_dir / tag, state["step"],
-                        state["epoch"], state["position"])
-    log = Logger(config, out, args.report_to, rank, state["step"])
-
-    nonfinite_in_a_row, samples_since, t_last = 0, 0, time.perf_counter()
+        resume(run, args.resume)
+    state = run.state
+    log = Logger(config, run.out, args.report_to, run.rank, state["step"])
+    steps = StepLog(run.rank, run.world)
     first_loss = last_loss = None
-    # torch or DALI (the `loader` switch): batches on the device, latents in the training dtype
-    loader = build_loader(config, dataset, rank=rank, world=world, epoch=state["epoch"], start=state["position"],
-                          device=device, dtype=dtype)
+    # torch or DALI (the `loader` switch): this rank's batches on the device, latents in the training dtype,
+    # from where the checkpoint left the epoch
+    loader = build_loader(config, run.dataset, rank=run.rank, world=run.world, epoch=state["epoch"],
+                          start=state["position"], device=run.device, dtype=run.dtype)
     while state["step"] < config.max_steps:
         for batch in loader:
             step = state["step"] + 1
             B = batch["latent"].shape[0]
-            state["position"] += B
-            gen = step_generator(config.seed, rank, step, device)
-            ehs = clip_table[batch["class_id"]]
-            losses = criterion(engine, batch["latent"], batch["dino_tokens"], ehs, generator=gen)
-            if _fault_nan_loss(step):
-                losses["loss"] = losses["loss"] * float("nan")
-            finite = torch.isfinite(losses["loss"].detach()).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            state["step"] = step
-            if finite.item() < 1:  # every rank skips together: no backward, no optimizer or EMA step
-                module.clear_features()
-                nonfinite_in_a_row += 1
-                warnings.warn(f"non-finite loss at step {step}: step skipped "
-                              f"({nonfinite_in_a_row} in a row)", RuntimeWarning, stacklevel=1)
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise FloatingPointError(f"{nonfinite_in_a_row} non-finite losses in a row, the last at step "
-                                             f"{step}: stopping (lower learning_rate or check the data)")
-            else:
-                nonfinite_in_a_row = 0
-                engine.backward(losses["loss"])
-                engine.step()
-                ema.update(module)
-                module.clear_features()
+            losses, nonfinite = train_step(run, batch, step)
+            state.update(step=step, position=state["position"] + B)
+            steps.add(step, state["epoch"], losses, nonfinite, run.scheduler.get_last_lr()[0], batch["id"],
+                      B * run.world)
+            log.step_done()
 
-                scalars = torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
-                dist.all_reduce(scalars)
-                scalars = dict(zip(LOSS_KEYS, (scalars / world).tolist(), strict=True))
-                samples_since += B * world
-                now = time.perf_counter()
-                scalars["lr"] = scheduler.get_last_lr()[0]
-                scalars["samples_per_s"] = samples_since / max(now - t_last, 1e-9)
-                if step % config.log_interval == 0 or step == 1:
-                    samples_since, t_last = 0, now
-                first_loss = scalars["loss"] if first_loss is None else first_loss
-                last_loss = scalars["loss"]
-                record = {"step": step, "epoch": state["epoch"], **scalars, "ids": batch["id"]}
-                log.step(step, record, scalars, step % config.log_interval == 0)
-                if step % config.eval_interval == 0:  # every rank: ZeRO-3 gathers in the forward
-                    run_alignment_eval(module, eval_batch, config, step, writer=log.tb)
-
+            # once per log interval (and before a checkpoint): the one device -> host copy
+            if step % config.log_interval == 0 or step % config.save_interval == 0 or step == config.max_steps:
+                records, skipped = steps.flush()
+                log.write(records, skipped)
+                if records:
+                    first_loss = records[0]["loss"] if first_loss is None else first_loss
+                    last_loss = records[-1]["loss"]
+                steps.check_nonfinite(records, skipped)
+            if step % config.eval_interval == 0:  # every rank: ZeRO-3 gathers in the forward
+                run_alignment_eval(run.module, run.eval_batch, config, step, writer=log.tb)
             if step % config.save_interval == 0 or step == config.max_steps:
-                save_checkpoint(engine, ckpt_dir, step, dict(state, config=config.to_dict()), ema, rank)
-            _fault("step", step)
+                save(run, step)
             if step >= config.max_steps:
                 break
-        else:
+        else:  # the epoch ran out: the next one, reshuffled
             state["epoch"] += 1
             state["position"] = 0
             loader.set_epoch(state["epoch"])
     loader.close()
     log.close()
-    export_weights(module, out / "lora", write=rank == 0)
-    export_weights(module, out / "lora_ema", weights=ema.shadow, write=rank == 0)
+    export_weights(run.module, run.out / "lora", write=run.rank == 0)
+    export_weights(run.module, run.out / "lora_ema", weights=run.ema.shadow, write=run.rank == 0)
     dist.barrier()
     return {"step": state["step"], "first_loss": first_loss, "last_loss": last_loss}
 

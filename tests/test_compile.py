@@ -1,27 +1,44 @@
-"""The compile switch: the tiny U-Net compiles with its feature hooks inside one graph."""
+"""The compile switch: the training forward (U-Net, feature hooks, heads and the alignment loss) is one
+graph with no breaks, and compiled it computes what eager does."""
 
 import pytest
 import torch
 
+from repa_fast.losses import AlignmentLoss
 from repa_fast.models import SD15UNetAligned, build_unet
+
+LAYERS = ["enc_last", "mid", "dec_first"]
+
+
+def tiny_case(kernels: str):
+    torch.manual_seed(0)
+    model = SD15UNetAligned(build_unet("tiny"), LAYERS, D=64, num_tokens=64, kernels=kernels,
+                            alignment_loss=AlignmentLoss(upper_only=True, kernels=kernels))
+    g = torch.Generator().manual_seed(1)
+    x, t, ehs = torch.randn(2, 4, 16, 16, generator=g), torch.rand(2, generator=g) * 999, torch.randn(2, 77, 32)
+    dino = {layer: torch.randn(2, 64, 64, generator=g).half() for layer in LAYERS}
+    return model, (x, t, ehs), dino
 
 
 @pytest.mark.slow
-def test_unet_with_hooks_has_no_graph_breaks():
-    torch.manual_seed(0)
-    model = SD15UNetAligned(build_unet("tiny"), ["enc_last", "mid", "dec_first"], D=64, num_tokens=64)
-    x, t, ehs = torch.randn(2, 4, 16, 16), torch.rand(2) * 999, torch.randn(2, 77, 32)
+def test_training_forward_has_no_graph_breaks():
+    model, args, dino = tiny_case("torch")
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model)(x, t, ehs)
+    explanation = torch._dynamo.explain(model)(*args, target_tokens=dino)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
-    # the hooks ran inside the traced graph: their captured features are those of eager mode
-    with torch.no_grad():
-        compiled = torch.compile(model, backend="aot_eager")
-        out = compiled(x, t, ehs)
-        feats = {k: model.hook_manager.get_feature(k).clone() for k in model.align_layers}
-        model.clear_features()
-        ref = model(x, t, ehs)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    for k, v in feats.items():
-        torch.testing.assert_close(v, model.hook_manager.get_feature(k), rtol=1e-4, atol=1e-4)
+    # compiled, the one forward gives eager's prediction, losses and gradients
+    eager = model(*args, target_tokens=dino)
+    (eager.loss_token + eager.loss_manifold).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(*args, target_tokens=dino)
+    (out.loss_token + out.loss_manifold).backward()
+    torch.testing.assert_close(out.sample, eager.sample, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss_token, eager.loss_token, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss_manifold, eager.loss_manifold, rtol=1e-4, atol=1e-6)
+    assert want.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, g in want.items():
+        torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-5, msg=n)
+    assert not model.hook_manager.features

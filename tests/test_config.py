@@ -16,6 +16,9 @@ SOURCE_TIER_A = dict(
 def test_tier_a_has_the_source_values():
     cfg = load_config("configs/sd15_repa_A.yaml")
     for key, value in SOURCE_TIER_A.items():
+        if key == "path_type":  # what the source means by "linear" on SD-1.5 is its DDPM path (DESIGN.md)
+            assert cfg.path_type == "ddpm"
+            continue
         assert getattr(cfg, key) == value, key
     assert cfg.dino_N == 256 and cfg.model == "sd15"
 
@@ -83,3 +86,16 @@ def test_defaults_are_valid_and_switch():
     assert not use_triton("torch", "cuda")
     with pytest.raises(ConfigError, match="kernels"):
         use_triton("fast", "cpu")
+
+
+@pytest.mark.parametrize("name", ["sd15_repa_A", "sd15_repa_B"])
+def test_shipped_sd15_configs_are_fast_and_one_key_gives_the_reference(name):
+    fast = load_config(f"configs/{name}.yaml")
+    assert (fast.kernels, fast.loader, fast.compile, fast.ds_config) == ("auto", "auto", "inductor", "zero2")
+    assert fast.path_type == "ddpm" and fast.align_warmup_steps == 3000  # SD-1.5's own schedule
+    ref = load_config(f"configs/{name}.yaml", ["reference=true"])
+    assert (ref.kernels, ref.loader, ref.compile, ref.ds_config) == ("torch", "torch", "none", "zero0")
+    assert {k: v for k, v in ref.to_dict().items() if k not in ("kernels", "loader", "compile", "ds_config",
+                                                                "reference")} == \
+        {k: v for k, v in fast.to_dict().items() if k not in ("kernels", "loader", "compile", "ds_config",
+                                                             "reference")}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from repa_fast.losses import SD15Loss, manifold_gram_loss, sd15_alphas_cumprod, token_loss
+from repa_fast.losses import SD15Loss, align_lambda, manifold_gram_loss, sd15_alphas_cumprod, token_loss
 from repa_fast.models import SD15UNetAligned, build_unet
 
 
@@ -157,7 +157,8 @@ def test_sd15_loss_dict_composes_the_terms():
     noise, t = torch.randn(B, 4, 16, 16), torch.tensor([0.1, 0.5, 0.9])
     crit = SD15Loss(align_coeff=0.8, manifold_coeff=3.0)
     out = crit(model, x0, dino, ehs, timesteps=t, noise=noise)
-    assert set(out) == {"loss", "loss_diff", "loss_token", "loss_manifold", "loss_align"}
+    assert set(out) == {"loss", "loss_diff", "loss_token", "loss_manifold", "loss_align", "lambda"}
+    assert out["lambda"] == 0.8 and not model.hook_manager.features  # one forward, nothing kept
     with torch.no_grad():
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         pred = model(x_t, 999 * t, ehs)
@@ -172,3 +173,63 @@ def test_sd15_loss_dict_composes_the_terms():
     torch.testing.assert_close(out["loss"], out["loss_diff"] + 0.8 * (lt + 3.0 * lm))
     with pytest.raises(KeyError, match="dec_first"):
         crit(model, x0, {"mid": dino["mid"]}, ehs)
+
+
+def _lambda64(step, coeff, warmup, schedule, stop, max_steps):
+    """The alignment weight written out from its definition (README), in float64."""
+    if stop is not None and step > stop:
+        return 0.0
+    w = coeff * (min(1.0, step / warmup) if warmup else 1.0)
+    if schedule == "cosine":
+        end = stop if stop is not None else max_steps
+        p = min(1.0, max(0.0, (step - warmup) / (end - warmup)))
+        w *= (1 + np.cos(np.pi * p)) / 2
+    return w
+
+
+@pytest.mark.parametrize("schedule,warmup,stop", [("constant", 0, None), ("constant", 30, None),
+                                                  ("cosine", 0, None), ("cosine", 30, 80), ("stop", 30, 60)])
+def test_align_lambda_schedules(schedule, warmup, stop):
+    for step in range(1, 101):
+        got = align_lambda(step, 0.8, warmup, schedule, stop, 100)
+        assert got == pytest.approx(_lambda64(step, 0.8, warmup, schedule, stop, 100), abs=1e-12), step
+    if warmup:  # the fork's linear warm-up: half the weight halfway through it
+        assert align_lambda(warmup // 2, 0.8, warmup, schedule, stop, 100) == pytest.approx(0.4)
+    if stop is not None:
+        assert align_lambda(stop + 1, 0.8, warmup, schedule, stop, 100) == 0.0
+    if schedule == "cosine":
+        assert align_lambda(stop or 100, 0.8, warmup, schedule, stop, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_align_schedule_config_is_checked():
+    from repa_fast.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'stop' needs align_stop_step"):
+        load_config(None, ["align_schedule=stop"])
+    with pytest.raises(ConfigError, match="constant schedule never stops"):
+        load_config(None, ["align_stop_step=10"])
+    with pytest.raises(ConfigError, match="align_schedule.*'linear'"):
+        load_config(None, ["align_schedule=linear"])
+    with pytest.raises(ConfigError, match="align_warmup_steps"):
+        load_config(None, ["align_warmup_steps=-1"])
+    cfg = load_config(None, ["align_schedule=stop", "align_stop_step=7", "align_warmup_steps=3"])
+    crit = SD15Loss.from_config(cfg)
+    assert [round(crit.align_weight(s), 6) for s in (1, 3, 7, 8)] == [round(0.8 / 3, 6), 0.8, 0.8, 0.0]
+
+
+def test_alignment_off_runs_the_unet_alone():
+    torch.manual_seed(0)
+    model = SD15UNetAligned(build_unet("tiny"), ["mid"], D=64, num_tokens=16)
+    B = 2
+    x0, ehs = torch.randn(B, 4, 16, 16), torch.randn(B, 77, 32)
+    dino = {"mid": torch.randn(B, 16, 64).half()}
+    crit = SD15Loss(align_schedule="stop", align_stop_step=5)
+    on = crit(model, x0, dino, ehs, step=5, generator=torch.Generator().manual_seed(1))
+    off = crit(model, x0, dino, ehs, step=6, generator=torch.Generator().manual_seed(1))
+    assert on["lambda"] == 0.8 and off["lambda"] == 0.0
+    assert on["loss_token"] > 0 and off["loss_token"] == 0 and off["loss_manifold"] == 0
+    torch.testing.assert_close(off["loss_diff"], on["loss_diff"])  # same noise, same prediction
+    torch.testing.assert_close(off["loss"], off["loss_diff"])
+    off["loss"].backward()
+    assert all(p.grad is None for p in model.align_heads.parameters())  # the heads did not run
+    assert not model.hook_manager.features

@@ -156,3 +156,56 @@ def test_build_unet_from_local_folder(tmp_path, tiny_unet):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         build_unet(str(tmp_path / "empty"))
+
+
+def test_one_forward_gives_prediction_tokens_and_losses(tiny_unet):
+    model = SD15UNetAligned(fresh_tiny(tiny_unet), ["enc_last", "mid"], D=64, num_tokens=64)
+    x, t, ehs = tiny_inputs(3)
+    with torch.no_grad():
+        pred = model(x, t, ehs)  # the source design's call: prediction, features kept
+        legacy = model.get_aligned_tokens()
+        model.clear_features()
+        out = model(x, t, ehs, return_tokens=True)
+    assert not model.hook_manager.features  # consumed inside forward: nothing outlives the call
+    torch.testing.assert_close(out.sample, pred)
+    assert set(out.tokens) == {"enc_last", "mid"} and out.loss_token is None
+    for layer in legacy:
+        torch.testing.assert_close(out.tokens[layer], legacy[layer])
+    g = torch.Generator().manual_seed(3)
+    dino = {layer: torch.randn(3, 64, 64, generator=g).half() for layer in ("enc_last", "mid")}
+    scored = model(x, t, ehs, target_tokens=dino)
+    assert not model.hook_manager.features
+    lt = sum(token_loss(legacy[k], dino[k]) for k in legacy) / 2
+    lm = sum(manifold_gram_loss(legacy[k], dino[k]) for k in legacy) / 2
+    torch.testing.assert_close(scored.loss_token, lt)
+    torch.testing.assert_close(scored.loss_manifold, lm)
+    scored.loss_token.backward()  # the graph reaches the heads from the same call
+    assert all(p.grad is not None for p in model.align_heads.parameters())
+    with pytest.raises(KeyError, match="no DINO tokens for align layer 'enc_last'"):
+        model(x, t, ehs, target_tokens={"mid": dino["mid"]})
+    assert not model.hook_manager.features  # a failed call keeps nothing either
+
+
+@pytest.mark.parametrize("targets", ["attention-only", "attn+conv"])
+def test_untrained_align_layers_match_the_gradients(tiny_unet, targets):
+    """The start-up warning's predicate agrees with where the alignment gradient really goes."""
+    unet = fresh_tiny(tiny_unet)
+    layers = ["enc_last", "mid", "dec_first"]
+    model = SD15UNetAligned(unet, layers, D=64, num_tokens=64, lora_config=lora_config(unet, 4, lora_targets=targets))
+    with torch.no_grad():  # LoRA B starts at zero: make every adapter live so gradients flow through it
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    untrained = model.untrained_align_layers()
+    for layer in layers:
+        model.zero_grad(set_to_none=True)
+        out = model(*tiny_inputs(), return_tokens=True)
+        out.tokens[layer].square().sum().backward()
+        reached = any(p.grad is not None and p.grad.abs().sum() > 0
+                      for n, p in model.named_parameters() if "lora_" in n)
+        assert reached == (layer not in untrained), (layer, targets, untrained)
+    assert ("enc_last" in untrained) == (targets == "attention-only")  # down_blocks.3 holds no attention
+    plain = fresh_tiny(tiny_unet)
+    detached = SD15UNetAligned(plain, ["mid"], D=64, num_tokens=64, detach_features=True,
+                               lora_config=lora_config(plain, 4))
+    assert detached.untrained_align_layers() == ["mid"]

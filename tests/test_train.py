@@ -80,10 +80,14 @@ def data(tmp_path_factory):
 _PORT = [29650]
 
 
-def launch(out, data, *overrides, ds="zero2", env=None, resume=None, check=True, report_to="none"):
+FAULT_LAUNCH = os.path.join(os.path.dirname(__file__), "fault_launch.py")
+
+
+def launch(out, data, *overrides, ds="zero2", env=None, resume=None, check=True, report_to="none", fault=None):
     _PORT[0] += 1
+    entry = ["--module", "repa_fast.train"] if fault is None else [FAULT_LAUNCH, "--fault", fault]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_PORT[0]),
-           "--module", "repa_fast.train", "--config", TINY, "--ds-config", ds, "--output-dir", str(out),
+           *entry, "--config", TINY, "--ds-config", ds, "--output-dir", str(out),
            "--report-to", report_to, *(["--resume", resume] if resume else []), *data,
            "batch_size=4", "learning_rate=3e-3", "log_interval=1", *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
@@ -111,15 +115,24 @@ def straight_run(tmp_path_factory, data):
 
 @pytest.mark.slow
 def test_non_finite_losses_skip_then_stop_naming_the_step(tmp_path, data):
-    # one process (python -m repa_fast.train): losses are NaN from step 3 on
-    cmd = [sys.executable, "-m", "repa_fast.train", "--config", TINY, "--output-dir", str(tmp_path),
-           "--report-to", "none", *data, "batch_size=4", "max_steps=20"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "REPA_FAST_FAULT": "nan_loss:3"})
+    # one process: losses are NaN from step 3 on; read (and checkpointed) every 2 steps
+    cmd = [sys.executable, FAULT_LAUNCH, "--fault", "nan_loss:3", "--config", TINY, "--output-dir", str(tmp_path),
+           "--report-to", "none", *data, "batch_size=4", "max_steps=20", "log_interval=2", "save_interval=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     assert "non-finite loss at step 3: step skipped (1 in a row)" in r.stderr
     assert "5 non-finite losses in a row, the last at step 7" in r.stderr and "Traceback" not in r.stderr
-    assert [row["step"] for row in read_log(tmp_path)] == [1, 2]  # skipped steps change nothing
+    assert [row["step"] for row in read_log(tmp_path)] == [1, 2]
+    skipped = [json.loads(line) for line in (tmp_path / "nonfinite_samples.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in skipped] == [3, 4, 5, 6, 7, 8]  # found at the read of steps 7-8
+    assert all(len(row["ids"]["0"]) == 4 for row in skipped)  # the batch's sample ids, by rank
+    # a skipped step changes no weight: checkpoints 2, 4 and 6 hold the same model
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000006"
+    states = [torch.load(ckpt / f"step_{s:08d}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+              for s in (2, 4, 6)]
+    trainable = [k for k in states[0] if "lora_" in k or k.startswith("align_heads.")]
+    assert trainable and all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in trainable)
 
 
 @pytest.mark.slow
@@ -163,8 +176,7 @@ def test_two_rank_zero3_trains_the_zero2_model(tmp_path, data, straight_run):
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_uninterrupted_run(tmp_path, data, straight_run):
     # Saves every 4 steps; dies while writing the step-12 checkpoint, after the DeepSpeed files are out.
-    r = launch(tmp_path, data, "max_steps=16", "save_interval=4", env={"REPA_FAST_FAULT": "save:12"},
-               check=False)
+    r = launch(tmp_path, data, "max_steps=16", "save_interval=4", fault="save:12", check=False)
     assert r.returncode != 0 and "dying at save step 12" in r.stderr
     ckpt = tmp_path / "checkpoints"
     assert (ckpt / "step_00000012").is_dir()  # written in part...
@@ -230,3 +242,58 @@ def test_exported_lora_loads_into_a_diffusers_pipeline(straight_run):
     assert live.keys() == ema.keys() and any(not torch.equal(live[k], ema[k]) for k in live)
     heads = load_file(str(straight_run / "lora" / "align_heads.safetensors"))
     assert set(heads) == {"mid.proj.0.weight", "mid.proj.1.weight", "mid.proj.1.bias"}
+
+
+COUNT_TRANSFERS = r"""
+import collections, json, os, sys
+import torch
+import repa_fast.export, repa_fast.train as T
+
+ROOT = os.path.dirname(T.__file__) + os.sep  # repa_fast/
+DATA = ROOT + "data" + os.sep  # the input pipeline fills host buffers: no device tensor there
+counts, active = collections.Counter(), [False]
+
+def counting(name, original):
+    def method(self, *args, **kwargs):
+        caller = sys._getframe(1).f_code
+        if active[0] and caller.co_filename.startswith(ROOT) and not caller.co_filename.startswith(DATA):
+            counts[f"{name} in {os.path.relpath(caller.co_filename, ROOT)}:{caller.co_name}"] += 1
+        return original(self, *args, **kwargs)
+    return method
+
+for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__"):
+    setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+
+def paused(fn):  # checkpoints and the LoRA export copy to the host by nature
+    def call(*args, **kwargs):
+        active[0] = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            active[0] = True
+    return call
+
+setup = T.setup
+def counted_setup(*args, **kwargs):
+    run = setup(*args, **kwargs)
+    active[0] = True  # from here on: the loop
+    return run
+
+T.setup, T.save = counted_setup, paused(T.save)
+repa_fast.export.export_weights = paused(repa_fast.export.export_weights)
+T.main(sys.argv[1:])
+print("TRANSFERS " + json.dumps(counts))
+"""
+
+
+@pytest.mark.slow
+def test_steps_copy_nothing_to_the_host_but_once_per_log_interval(tmp_path, data):
+    cmd = [sys.executable, "-c", COUNT_TRANSFERS, "--config", TINY, "--output-dir", str(tmp_path),
+           "--report-to", "none", *data, "batch_size=4", "max_steps=12", "log_interval=4", "eval_interval=1000",
+           "save_interval=1000"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = json.loads(r.stdout.split("TRANSFERS ")[-1])
+    # 12 steps, read every 4: three copies, all of them the log interval's one read
+    assert counts == {"tolist in train.py:flush": 3}, counts
+    assert [row["step"] for row in read_log(tmp_path)] == list(range(1, 13))

@@ -67,14 +67,27 @@ class TorchLoader:
         pass
 
 
+def dali_available() -> bool:
+    """Whether the optional DALI package is installed (``pip install -e '.[dali]'``)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no ``nvidia`` namespace at all
+        return False
+
+
 def build_loader(config, dataset: SD15AlignedDataset, batch_size: int | None = None, rank: int = 0,
                  world: int = 1, epoch: int = 0, start: int = 0, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None, loader: str | None = None, num_workers: int | None = None,
                  prefetch: int | None = None, shuffle: bool = True, drop_last: bool = False):
-    """The loader that ``loader`` (default ``config.loader``: ``torch`` | ``dali``) names, over this rank's
+    """The loader that ``loader`` (default ``config.loader``: ``torch`` | ``dali`` | ``auto``, DALI when
+    installed) names, over this rank's
     slice of epoch ``epoch`` from sample ``start``; ``batch_size``, ``num_workers`` and ``prefetch``
     default to the config's keys."""
     loader = config.loader if loader is None else loader
+    if loader == "auto":
+        loader = "dali" if dali_available() else "torch"
     batch_size = config.batch_size if batch_size is None else batch_size
     num_workers = config.num_workers if num_workers is None else num_workers
     prefetch = config.prefetch if prefetch is None else prefetch
@@ -88,4 +101,4 @@ def build_loader(config, dataset: SD15AlignedDataset, batch_size: int | None = N
 
         return build_dali_loader(dataset, batch_size, rank, world, epoch, start, num_workers, shuffle,
                                  drop_last, prefetch, device, dtype)
-    raise ValueError(f"option 'loader': {loader!r} is not one of ['torch', 'dali']")
+    raise ValueError(f"option 'loader': {loader!r} is not one of ['torch', 'dali', 'auto']")

@@ -23,8 +23,13 @@ class AlignHead(nn.Module):
     """Conv1x1 (no bias) + GroupNorm + GELU, bilinear to the token grid, flatten, L2 per token.
 
     ``kernels`` picks the implementation: ``torch`` (this reference), ``triton`` (the fused op in
-    ``repa_fast.kernels.align_head``) or ``auto`` (triton for CUDA inputs).
+    ``repa_fast.kernels.align_head``) or ``auto`` (triton for CUDA inputs). Called with ``target`` (the
+    DINO tokens) on the triton path it returns the alignment losses of the fused REPA branch
+    (``repa_fast.kernels.align_branch``) instead of tokens: those tokens never reach memory.
     """
+
+    fused_branch = False  # True once kernels/align_branch.py lands: then the model hands it targets on the
+    # triton path (see AlignmentLoss.fuses_with)
 
     def __init__(self, in_ch: int = 1280, D: int = 1024, num_tokens: int = 256, num_groups: int = 32,
                  kernels: str = "torch"):
@@ -40,9 +45,18 @@ class AlignHead(nn.Module):
             nn.GELU(),
         )
 
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+    def forward(self, feat: torch.Tensor, target: torch.Tensor | None = None, upper_only: bool = False,
+                mask_diag: bool = False):
         if feat.ndim != 4 or feat.shape[1] != self.in_ch:
             raise ValueError(f"AlignHead: expected a feature map [B,{self.in_ch},H,W], got {list(feat.shape)}")
+        if target is not None:
+            if not use_triton(self.kernels, feat.device):
+                raise ValueError("AlignHead: targets are scored here only by the fused branch (kernels=triton)")
+            from repa_fast.kernels.align_branch import align_branch_loss
+
+            conv, norm = self.proj[0], self.proj[1]
+            return align_branch_loss(feat, conv.weight, norm.weight, norm.bias, norm.num_groups, self.grid, norm.eps,
+                                     target, upper_only, mask_diag)
         if use_triton(self.kernels, feat.device):
             from repa_fast.kernels.align_head import align_head
 

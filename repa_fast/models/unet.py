@@ -1,11 +1,28 @@
-"""SD-1.5 U-Net with feature hooks, AlignHeads and LoRA on whitelisted modules."""
+"""SD-1.5 U-Net with feature hooks, AlignHeads and LoRA on whitelisted modules.
+
+One forward gives the prediction and the REPA branch. ``model(x_t, t, ehs, return_tokens=True)`` returns
+``.sample`` and ``.tokens[layer]``; ``model(x_t, t, ehs, target_tokens=dino)`` also returns the alignment
+losses ``.loss_token`` / ``.loss_manifold`` (averaged over the align layers). The heads (and, with
+targets, the alignment loss) run inside ``forward``: the hooked features are consumed there and nothing
+is kept between calls. Why: ``torch.compile`` (``engine.compile()``) and DeepSpeed see only what runs
+inside the engine's forward. Heads called afterwards on features a hook stashed escaped the compiled
+graph, and under ZeRO-3 with DeepCompile (which gathers partitioned parameters only inside the engine's
+forward) they would have read empty weights. With the source design's head, ``kernels`` on triton and
+the sample-form manifold loss, the targets go to the fused REPA branch, whose [B, N, D] tokens never
+reach memory.
+
+The source design's interface still holds: ``model(x_t, t, ehs)`` returns the prediction and keeps the
+hooked features for ``get_aligned_tokens()`` (its unit test 7.3), which ``clear_features()`` drops.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.utils import BaseOutput
 from torch import nn
 
 from repa_fast.models.align_head import AlignHead
@@ -20,6 +37,14 @@ LAYER_PATHS = {
     "mid": "mid_block.resnets.-1",
     "enc_last": "down_blocks.-1.resnets.-1",
     "dec_first": "up_blocks.0.resnets.-1",
+}
+# The U-Net's modules that run before each hooked output (SD-1.5's order: conv_in, time embedding,
+# down_blocks, mid_block, up_blocks; up_blocks.0's upsampler runs after its resnets): a trainable
+# parameter under none of them cannot be moved by that layer's alignment loss.
+UPSTREAM_PREFIXES = {
+    "enc_last": ("conv_in", "time_embedding", "down_blocks"),
+    "mid": ("conv_in", "time_embedding", "down_blocks", "mid_block"),
+    "dec_first": ("conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks.0.resnets"),
 }
 
 SD15_UNET = dict(
@@ -92,19 +117,35 @@ def lora_config(unet: nn.Module, rank: int = 32, alpha: int | None = None, lora_
                       init_lora_weights="gaussian", target_modules=lora_target_modules(unet, lora_targets))
 
 
-class SD15UNetAligned(nn.Module):
-    """The SD-1.5 U-Net plus one AlignHead per align layer.
+@dataclass
+class AlignedUNetOutput(BaseOutput):
+    """What one forward gives: the U-Net's prediction and the REPA branch.
 
-    ``forward`` returns the U-Net output and captures the hooked feature maps (graph kept);
-    ``get_aligned_tokens()`` runs the heads on them; ``clear_features()`` drops them (every step).
+    ``tokens``: {layer: unit tokens [B, N, D]} (empty when only losses were asked for and the fused
+    branch made them without tokens); ``loss_token`` / ``loss_manifold``: fp32 scalars averaged over the
+    align layers, present when ``target_tokens`` were given.
+    """
+
+    sample: torch.Tensor
+    tokens: dict[str, torch.Tensor] | None = None
+    loss_token: torch.Tensor | None = None
+    loss_manifold: torch.Tensor | None = None
+
+
+class SD15UNetAligned(nn.Module):
+    """The SD-1.5 U-Net plus one AlignHead per align layer (see the module doc for the forward).
+
     With ``lora_config`` the U-Net is frozen and LoRA is added through peft (module names unchanged);
-    only LoRA and head parameters train.
+    only LoRA and head parameters train. ``alignment_loss`` (a ``repa_fast.losses.AlignmentLoss``;
+    default: the sample-form loss on the ``kernels`` path) is what ``target_tokens`` are scored with.
     """
 
     def __init__(self, unet: UNet2DConditionModel, align_layers: list[str] | tuple[str, ...] = ("mid",),
                  D: int = 1024, lora_config=None, num_tokens: int = 256, kernels: str = "torch",
-                 detach_features: bool = False):
+                 detach_features: bool = False, alignment_loss=None):
         super().__init__()
+        from repa_fast.losses import AlignmentLoss
+
         unknown = [name for name in align_layers if name not in LAYER_PATHS]
         if unknown:
             raise ValueError(f"unknown align layer(s) {unknown}; choose from {list(LAYER_PATHS)}")
@@ -121,13 +162,61 @@ class SD15UNetAligned(nn.Module):
             channels = module.out_channels  # read from the U-Net, not assumed to be 1280
             self.align_heads[name] = AlignHead(channels, D, num_tokens=num_tokens, kernels=kernels)
             self.hook_manager.register_hook(module, name)
+        self.alignment_loss = alignment_loss or AlignmentLoss(kernels=kernels)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                return_dict: bool = False):
-        output = self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=return_dict)
-        if return_dict:
-            return output
-        return output[0] if isinstance(output, tuple) else output
+                return_dict: bool = False, return_tokens: bool = False,
+                target_tokens: dict[str, torch.Tensor] | None = None, keep_features: bool = True):
+        """The U-Net's prediction [B, 4, H, W]; with ``return_tokens`` and/or ``target_tokens`` (the DINO
+        tokens {layer: [B, N, D]}) an ``AlignedUNetOutput`` from this one call. Without either, the hooked
+        features are kept for ``get_aligned_tokens()`` unless ``keep_features=False`` (the U-Net alone,
+        e.g. while the alignment weight is 0)."""
+        sample = self.unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        if not return_tokens and target_tokens is None:  # the source design's call
+            if not keep_features:
+                self.hook_manager.clear()
+            return AlignedUNetOutput(sample=sample) if return_dict else sample
+        # the hooked features are consumed here: nothing outlives the call
+        feats = {name: self.hook_manager.pop_feature(name) for name in self.align_layers}
+        tokens, token_terms, manifold_terms = {}, [], []
+        for name, feat in feats.items():
+            head = self.align_heads[name]
+            if target_tokens is None:
+                tokens[name] = head(feat)
+                continue
+            if name not in target_tokens:
+                raise KeyError(f"SD15UNetAligned: no DINO tokens for align layer {name!r} "
+                               f"(targets hold {sorted(target_tokens)})")
+            if not return_tokens and self.alignment_loss.fuses_with(head, feat):
+                loss_token, loss_manifold = self.alignment_loss.fused(head, feat, target_tokens[name])
+            else:
+                tokens[name] = head(feat)
+                loss_token, loss_manifold = self.alignment_loss(tokens[name], target_tokens[name])
+            token_terms.append(loss_token)
+            manifold_terms.append(loss_manifold)
+        out = AlignedUNetOutput(sample=sample, tokens=tokens)
+        if target_tokens is not None:
+            out.loss_token = torch.stack(token_terms).mean()
+            out.loss_manifold = torch.stack(manifold_terms).mean()
+        return out
+
+    def set_kernels(self, kernels: str) -> None:
+        """Switch the heads and the alignment loss to ``kernels`` (e.g. back to ``torch`` after a failed
+        start-up self-check)."""
+        for head in self.align_heads.values():
+            head.kernels = kernels
+        self.alignment_loss.kernels = kernels
+
+    def untrained_align_layers(self) -> list[str]:
+        """Align layers with no trainable U-Net parameter upstream of their hook: their alignment loss
+        trains only their head (e.g. ``enc_last`` with ``attention-only`` LoRA: down_blocks.3 holds no
+        attention)."""
+        trainable = [n.removeprefix("unet.") for n, p in self.named_parameters()
+                     if p.requires_grad and n.startswith("unet.")]
+        if self.hook_manager.detach:
+            return list(self.align_layers)
+        return [layer for layer in self.align_layers
+                if not any(n == p or n.startswith(p + ".") for n in trainable for p in UPSTREAM_PREFIXES[layer])]
 
     def get_aligned_tokens(self) -> dict[str, torch.Tensor]:
         return {name: self.align_heads[name](self.hook_manager.get_feature(name)) for name in self.align_layers}
@@ -143,6 +232,9 @@ def build_aligned_unet(config, dtype: torch.dtype = torch.float32) -> SD15UNetAl
     """The model a ``Config`` describes."""
     unet = build_unet(config.model, dtype)
     lora = lora_config(unet, config.lora_rank, config.lora_alpha, config.lora_targets) if config.use_lora else None
+    from repa_fast.losses import AlignmentLoss
+
     model = SD15UNetAligned(unet, config.align_layers, config.dino_D, lora, num_tokens=config.dino_N,
-                            kernels=config.kernels, detach_features=config.detach_features)
+                            kernels=config.kernels, detach_features=config.detach_features,
+                            alignment_loss=AlignmentLoss.from_config(config))
     return model if dtype == torch.float32 else model.to(dtype)
