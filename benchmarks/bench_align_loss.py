@@ -15,11 +15,18 @@ exits 0 (it is not part of CI).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
-from bench_common import floors_us, gpu_ready, loss_agreement, loss_launches, loss_timing, print_floors, time_table
+from bench_common import (
+    floors_us,
+    gpu_ready,
+    loss_agreement,
+    loss_launches,
+    loss_timing,
+    run_loss_bench,
+    token_shape_parser,
+)
 from torch._functorch import config as functorch_config
 
 # measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
@@ -76,11 +83,7 @@ def launches(impls, x0, y, manifold_coeff) -> dict[str, int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=False, help="JSON file for the result rows")
-    parser.add_argument("--batch", type=int, default=48)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=1024)
+    parser = token_shape_parser(__doc__.splitlines()[0])
     parser.add_argument("--upper-only", action="store_true")
     parser.add_argument("--mask-diag", action="store_true")
     parser.add_argument("--manifold-coeff", type=float, default=3.0)
@@ -91,19 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     shape = (args.batch, args.tokens, args.dim)
     x, y = make_inputs(shape, "cuda")
-    impls = implementations(args.upper_only, args.mask_diag)
-    floors = floor_us(x, y)
     print(f"{torch.cuda.get_device_name()}; x {list(shape)} bf16, y fp16; "
           f"upper_only={args.upper_only} mask_diag={args.mask_diag}")
-    print_floors(floors, "forward: read x + y; backward: read x + y, write dx; full: the sum")
-    for name, diff in check_agreement(impls, x, y, args.manifold_coeff).items():
-        print(f"  {name}: max relative difference from eager (losses, dx) = {diff:.2e}")
-    counts = launches(impls, x, y, args.manifold_coeff)
-
     fields = {"shape": list(shape), "x_dtype": "bfloat16", "y_dtype": "float16", "upper_only": args.upper_only,
               "mask_diag": args.mask_diag}
-    time_table("align_loss", impls, lambda fn, q: measure(fn, x, y, args.manifold_coeff, q),
-               {p: f["floor_us"] for p, f in floors.items()}, floors, fields, args.out, counts)
+    run_loss_bench("align_loss", implementations(args.upper_only, args.mask_diag), (1.0, args.manifold_coeff), x, y,
+                   floor_us(x, y), "forward: read x + y; backward: read x + y, write dx; full: the sum", fields,
+                   args.out)
     return 0
 
 

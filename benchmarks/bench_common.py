@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import json
@@ -174,3 +175,25 @@ def time_table(op: str, impls: dict, measure_one, floors_us: dict[str, float], f
             json.dump(rows, f, indent=1)
         print(f"wrote {len(rows)} rows to {out}")
     return rows
+
+
+def token_shape_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a loss benchmark over x, y [B, N, D]: --out, --batch, --tokens, --dim (the real shape)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=False, help="JSON file for the result rows")
+    parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=1024)
+    return parser
+
+
+def run_loss_bench(op: str, impls: dict, weights, x: torch.Tensor, y: torch.Tensor, floors: dict, work: str,
+                   fields: dict, out: str | None) -> list[dict]:
+    """A loss benchmark after its set-up: the floors, each implementation's agreement with eager and launches,
+    then the timing table (``time_table``) of the ``weights``-sum of its losses."""
+    print_floors(floors, work)
+    for name, diff in loss_agreement(impls, weights, x, y).items():
+        print(f"  {name}: max relative difference from eager (losses, dx) = {diff:.2e}")
+    counts = loss_launches(impls, weights, x, y)
+    return time_table(op, impls, lambda fn, q: loss_timing(fn, weights, x, y, q),
+                      {p: f["floor_us"] for p, f in floors.items()}, floors, fields, out, counts)

@@ -11,12 +11,19 @@ and exits 0.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 from bench_align_loss import make_inputs
-from bench_common import floors_us, gpu_ready, loss_agreement, loss_launches, loss_timing, print_floors, time_table
+from bench_common import (
+    floors_us,
+    gpu_ready,
+    loss_agreement,
+    loss_launches,
+    loss_timing,
+    run_loss_bench,
+    token_shape_parser,
+)
 from torch._functorch import config as functorch_config
 
 functorch_config.donated_buffer = False  # as in bench_align_loss: the backward is timed on one retained graph
@@ -57,29 +64,17 @@ def launches(impls, x0, y) -> dict[str, int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=False, help="JSON file for the result rows")
-    parser.add_argument("--batch", type=int, default=48)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=1024)
-    args = parser.parse_args(argv)
+    args = token_shape_parser(__doc__.splitlines()[0]).parse_args(argv)
     if not gpu_ready("bench_token_gram"):
         return 0
 
     torch.manual_seed(0)
     shape = (args.batch, args.tokens, args.dim)
     x, y = make_inputs(shape, "cuda")
-    impls = implementations()
-    floors = floor_us(x, y)
     print(f"{torch.cuda.get_device_name()}; x {list(shape)} bf16, y fp16")
-    print_floors(floors, "forward: read x + y, both Grams; backward: read x + y, write dx, both Grams and E U; "
-                         "full: the sum")
-    for name, diff in check_agreement(impls, x, y).items():
-        print(f"  {name}: max relative difference from eager (loss, dx) = {diff:.2e}")
-    counts = launches(impls, x, y)
-    fields = {"shape": list(shape), "x_dtype": "bfloat16", "y_dtype": "float16"}
-    time_table("token_gram", impls, lambda fn, q: measure(fn, x, y, q), {p: f["floor_us"] for p, f in floors.items()},
-               floors, fields, args.out, counts)
+    run_loss_bench("token_gram", implementations(), (1.0,), x, y, floor_us(x, y),
+                   "forward: read x + y, both Grams; backward: read x + y, write dx, both Grams and E U; full: the sum",
+                   {"shape": list(shape), "x_dtype": "bfloat16", "y_dtype": "float16"}, args.out)
     return 0
 
 

@@ -37,11 +37,11 @@ torch.compile keeps it whole as one node.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
+
+from .token_pair import LaunchConfig, check_token_pair, rows_contiguous
 
 NORM_EPS = 1e-12  # F.normalize's eps, as in the reference: a zero row stays zero instead of NaN
 _EPS = tl.constexpr(NORM_EPS)
@@ -53,14 +53,6 @@ ELEMENTS_PER_THREAD = 16  # of one streaming tile: num_warps = tile / (32 * 16)
 GRAM_WARPS = 4  # the Gram kernel's tiles are [BLOCK_B, BLOCK_D] <= TILE_ELEMENTS: 32 elements a thread
 TARGET_PROGRAMS = 1024  # forward: several waves of the H200's 132 SMs (2 programs each), so no long tail
 MIN_TOKENS_PER_PROGRAM = 16  # ... but each forward program's [D] partial sums cover at least this many tokens
-
-
-class LaunchConfig(NamedTuple):
-    grid: tuple[int, ...]
-    constexprs: dict
-    num_warps: int
-    num_stages: int
-    args: dict = {}  # shape-derived integer arguments besides the sizes and strides
 
 
 # Program (i_s, i_b): tokens [i_s * blocks_per_split * BLOCK_N, ...) of sample i_b, BLOCK_N whole rows a
@@ -306,11 +298,6 @@ def align_loss_configs(B: int, N: int, D: int) -> dict[str, LaunchConfig]:
     }
 
 
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    # The kernels take strides for b and n; a strided last dim is copied (unit stride gives wide loads).
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _kept_entries(B: int, upper_only: bool, mask_diag: bool) -> int:
     """How many Gram entries the loss averages (the mask of repa_fast.losses._gram_mask)."""
     return (B * (B + 1) // 2 if upper_only else B * B) - (B if mask_diag else 0)
@@ -320,7 +307,7 @@ def align_loss_forward(x: torch.Tensor, y: torch.Tensor, upper_only: bool,
                        mask_diag: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L_token, L_manifold, s): fp32 scalars and the per-sample vectors s [B, D] fp32 the backward uses."""
     B, N, D = x.shape
-    x_k, y_k = _rows_contiguous(x), _rows_contiguous(y)
+    x_k, y_k = rows_contiguous(x), rows_contiguous(y)
     configs = align_loss_configs(B, N, D)
     stream, gram = configs["_align_loss_forward_kernel"], configs["_align_loss_gram_kernel"]
     n_splits, n_blocks = stream.grid[0], gram.grid[0]
@@ -356,7 +343,7 @@ def align_loss_backward(x: torch.Tensor, y: torch.Tensor, sample_grad: torch.Ten
                         grad_manifold: torch.Tensor) -> torch.Tensor:
     """dx (x's dtype, contiguous) from the upstream gradients of both losses and forward's s [B, D]."""
     B, N, D = x.shape
-    x_k, y_k = _rows_contiguous(x), _rows_contiguous(y)
+    x_k, y_k = rows_contiguous(x), rows_contiguous(y)
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
     launch = align_loss_configs(B, N, D)["_align_loss_backward_kernel"]
     _align_loss_backward_kernel[launch.grid](
@@ -423,16 +410,6 @@ def align_loss(x: torch.Tensor, y: torch.Tensor, upper_only: bool = False,
     x and y may differ in dtype (fp32, fp16, bf16); the gradient flows to x only. Runs as the custom op
     ``torch.ops.repa_fast.align_loss``.
     """
-    if x.ndim != 3 or x.shape != y.shape:
-        raise ValueError(f"align_loss: x and y must both be [B,N,D], got {list(x.shape)} and {list(y.shape)}")
-    if x.device != y.device:
-        raise ValueError(f"align_loss: x is on {x.device} but y is on {y.device}")
-    if not (x.is_floating_point() and y.is_floating_point()):
-        raise ValueError(f"align_loss: x and y must be floating point, got {x.dtype} and {y.dtype}")
-    if y.requires_grad:
-        raise ValueError("align_loss: y requires grad, but the fused kernel differentiates x only; "
-                         "use repa_fast.losses (kernels='torch') for a trainable target")
-    if x.numel() == 0:
-        raise ValueError(f"align_loss: empty input {list(x.shape)}")
+    check_token_pair("align_loss", x, y, "repa_fast.losses (kernels='torch')")
     loss_token, loss_manifold, _ = _align_loss_op(x, y, upper_only, mask_diag)
     return loss_token, loss_manifold

@@ -26,11 +26,11 @@ custom ops ``repa_fast::token_gram_loss`` and ``repa_fast::token_gram_loss_backw
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
+
+from .token_pair import LaunchConfig, check_token_pair, rows_contiguous
 
 NORM_EPS = 1e-12  # F.normalize's eps, as in the reference
 _EPS = tl.constexpr(NORM_EPS)
@@ -43,11 +43,27 @@ K_BLOCK = 64  # D elements per step of a Gram's reduction
 D_BLOCK = 64  # D columns of dx per step of the backward's second phase
 
 
-class LaunchConfig(NamedTuple):
-    grid: tuple[int, ...]
-    constexprs: dict
-    num_warps: int
-    num_stages: int
+@triton.jit
+def _gram_block(p_i, p_j, m_i, m_j, D, PRECISION: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    # Raw dot products of tokens I with tokens J over all of D ([BLOCK_I, BLOCK_J] fp32), and both sides' |.|^2.
+    b_g = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    b_sq_i = tl.zeros([BLOCK_I], dtype=tl.float32)
+    b_sq_j = tl.zeros([BLOCK_J], dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        o_k = k + tl.arange(0, BLOCK_K)
+        m_k = o_k < D
+        b_ti = tl.load(p_i + o_k[None, :], mask=m_i[:, None] & m_k[None, :], other=0.0)  # [BLOCK_I, BLOCK_K]
+        b_tj = tl.load(p_j + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.0)  # [BLOCK_J, BLOCK_K]
+        b_g = tl.dot(b_ti, tl.trans(b_tj), b_g, input_precision=PRECISION)
+        b_sq_i += tl.sum(b_ti.to(tl.float32) * b_ti.to(tl.float32), axis=1)
+        b_sq_j += tl.sum(b_tj.to(tl.float32) * b_tj.to(tl.float32), axis=1)
+    return b_g, b_sq_i, b_sq_j
+
+
+@triton.jit
+def _inv_norm(b_sq):
+    return 1.0 / tl.maximum(tl.sqrt_rn(b_sq), _EPS)  # F.normalize's 1 / max(|t|, eps)
 
 
 # Program (i_t, i_b): block (I, J) = divmod(i_t, n_tiles) of sample i_b's E, for J >= I (the others write 0).
@@ -79,56 +95,18 @@ def _token_gram_forward_kernel(
         o_j = i_j * BLOCK_T + tl.arange(0, BLOCK_T)
         m_i = o_i < N
         m_j = o_j < N
-        p_xi = x_ptr + i_b * stride_xb + o_i[:, None] * stride_xn
-        p_xj = x_ptr + i_b * stride_xb + o_j[:, None] * stride_xn
-        p_yi = y_ptr + i_b * stride_yb + o_i[:, None] * stride_yn
-        p_yj = y_ptr + i_b * stride_yb + o_j[:, None] * stride_yn
-        b_gx = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)  # raw x_i . x_j
-        b_gy = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-        b_sq_xi = tl.zeros([BLOCK_T], dtype=tl.float32)  # |x_i|^2
-        b_sq_xj = tl.zeros([BLOCK_T], dtype=tl.float32)
-        b_sq_yi = tl.zeros([BLOCK_T], dtype=tl.float32)
-        b_sq_yj = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for k in range(0, D, BLOCK_K):
-            o_k = k + tl.arange(0, BLOCK_K)
-            m_k = o_k < D
-            b_xi = tl.load(p_xi + o_k[None, :], mask=m_i[:, None] & m_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
-            b_xj = tl.load(p_xj + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.0)
-            b_yi = tl.load(p_yi + o_k[None, :], mask=m_i[:, None] & m_k[None, :], other=0.0)
-            b_yj = tl.load(p_yj + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.0)
-            b_gx = tl.dot(b_xi, tl.trans(b_xj), b_gx, input_precision=X_PRECISION)
-            b_gy = tl.dot(b_yi, tl.trans(b_yj), b_gy, input_precision=Y_PRECISION)
-            b_sq_xi += tl.sum(b_xi.to(tl.float32) * b_xi.to(tl.float32), axis=1)
-            b_sq_xj += tl.sum(b_xj.to(tl.float32) * b_xj.to(tl.float32), axis=1)
-            b_sq_yi += tl.sum(b_yi.to(tl.float32) * b_yi.to(tl.float32), axis=1)
-            b_sq_yj += tl.sum(b_yj.to(tl.float32) * b_yj.to(tl.float32), axis=1)
-        b_rxi = 1.0 / tl.maximum(tl.sqrt_rn(b_sq_xi), _EPS)
-        b_rxj = 1.0 / tl.maximum(tl.sqrt_rn(b_sq_xj), _EPS)
-        b_ryi = 1.0 / tl.maximum(tl.sqrt_rn(b_sq_yi), _EPS)
-        b_ryj = 1.0 / tl.maximum(tl.sqrt_rn(b_sq_yj), _EPS)
-        b_e = b_gx * b_rxi[:, None] * b_rxj[None, :] - b_gy * b_ryi[:, None] * b_ryj[None, :]  # [BLOCK_T, BLOCK_T]
+        b_gx, b_sq_xi, b_sq_xj = _gram_block(x_ptr + i_b * stride_xb + o_i[:, None] * stride_xn,
+                                             x_ptr + i_b * stride_xb + o_j[:, None] * stride_xn, m_i, m_j, D,
+                                             X_PRECISION, BLOCK_T, BLOCK_T, BLOCK_K)  # raw x_i . x_j, |x|^2
+        b_gy, b_sq_yi, b_sq_yj = _gram_block(y_ptr + i_b * stride_yb + o_i[:, None] * stride_yn,
+                                             y_ptr + i_b * stride_yb + o_j[:, None] * stride_yn, m_i, m_j, D,
+                                             Y_PRECISION, BLOCK_T, BLOCK_T, BLOCK_K)
+        b_e = (b_gx * _inv_norm(b_sq_xi)[:, None] * _inv_norm(b_sq_xj)[None, :]
+               - b_gy * _inv_norm(b_sq_yi)[:, None] * _inv_norm(b_sq_yj)[None, :])  # [BLOCK_T, BLOCK_T]
         b_e = tl.where(m_i[:, None] & m_j[None, :], b_e, 0.0)
         b_weight = tl.where(i_j > i_i, 2.0, 1.0)  # an off-diagonal block stands for its mirror image too
         b_total = tl.sum(b_e * b_e) * b_weight * scale
     tl.store(partial_ptr + i_b * n_tiles * n_tiles + i_t, b_total)
-
-
-@triton.jit
-def _gram_rows(p_i, p_h, m_i, m_h, D, PRECISION: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    # Raw dot products of rows I with the tokens of one column half H over all of D, and both sides' |.|^2.
-    b_g = tl.zeros([BLOCK_I, BLOCK_H], dtype=tl.float32)
-    b_sq_i = tl.zeros([BLOCK_I], dtype=tl.float32)
-    b_sq_h = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        o_k = k + tl.arange(0, BLOCK_K)
-        m_k = o_k < D
-        b_ti = tl.load(p_i + o_k[None, :], mask=m_i[:, None] & m_k[None, :], other=0.0)  # [BLOCK_I, BLOCK_K]
-        b_th = tl.load(p_h + o_k[None, :], mask=m_h[:, None] & m_k[None, :], other=0.0)  # [BLOCK_H, BLOCK_K]
-        b_g = tl.dot(b_ti, tl.trans(b_th), b_g, input_precision=PRECISION)
-        b_sq_i += tl.sum(b_ti.to(tl.float32) * b_ti.to(tl.float32), axis=1)
-        b_sq_h += tl.sum(b_th.to(tl.float32) * b_th.to(tl.float32), axis=1)
-    return b_g, b_sq_i, b_sq_h
 
 
 @triton.jit
@@ -138,18 +116,16 @@ def _difference_rows(x_ptr, y_ptr, i_b, o_i, m_i, i_h, N, D, stride_xb, stride_x
     # Rows I of E against column half i_h: (P = E diag(r) in x's dtype, the half's share of u_i . W_i, |x_i|).
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = o_h < N
-    b_gx, b_sq_xi, b_sq_xh = _gram_rows(x_ptr + i_b * stride_xb + o_i[:, None] * stride_xn,
-                                        x_ptr + i_b * stride_xb + o_h[:, None] * stride_xn, m_i, m_h, D,
-                                        X_PRECISION, BLOCK_I, BLOCK_H, BLOCK_K)
+    b_gx, b_sq_xi, b_sq_xh = _gram_block(x_ptr + i_b * stride_xb + o_i[:, None] * stride_xn,
+                                         x_ptr + i_b * stride_xb + o_h[:, None] * stride_xn, m_i, m_h, D,
+                                         X_PRECISION, BLOCK_I, BLOCK_H, BLOCK_K)
     b_nxi = tl.sqrt_rn(b_sq_xi)
-    b_rxh = 1.0 / tl.maximum(tl.sqrt_rn(b_sq_xh), _EPS)
-    b_sx = b_gx * (1.0 / tl.maximum(b_nxi, _EPS))[:, None] * b_rxh[None, :]  # [BLOCK_I, BLOCK_H]: (U U^T)_IH
-    b_gy, b_sq_yi, b_sq_yh = _gram_rows(y_ptr + i_b * stride_yb + o_i[:, None] * stride_yn,
-                                        y_ptr + i_b * stride_yb + o_h[:, None] * stride_yn, m_i, m_h, D,
-                                        Y_PRECISION, BLOCK_I, BLOCK_H, BLOCK_K)
-    b_ryi = 1.0 / tl.maximum(tl.sqrt_rn(b_sq_yi), _EPS)
-    b_ryh = 1.0 / tl.maximum(tl.sqrt_rn(b_sq_yh), _EPS)
-    b_e = tl.where(m_h[None, :], b_sx - b_gy * b_ryi[:, None] * b_ryh[None, :], 0.0)  # E_IH
+    b_rxh = _inv_norm(b_sq_xh)
+    b_sx = b_gx * _inv_norm(b_sq_xi)[:, None] * b_rxh[None, :]  # [BLOCK_I, BLOCK_H]: (U U^T)_IH
+    b_gy, b_sq_yi, b_sq_yh = _gram_block(y_ptr + i_b * stride_yb + o_i[:, None] * stride_yn,
+                                         y_ptr + i_b * stride_yb + o_h[:, None] * stride_yn, m_i, m_h, D,
+                                         Y_PRECISION, BLOCK_I, BLOCK_H, BLOCK_K)
+    b_e = tl.where(m_h[None, :], b_sx - b_gy * _inv_norm(b_sq_yi)[:, None] * _inv_norm(b_sq_yh)[None, :], 0.0)
     b_p = (b_e * b_rxh[None, :]).to(x_ptr.dtype.element_ty)
     # u_i . W_i / r_i = sum_j P_ij (x_i . x_j) from the rounded P that W = P X uses: the radial part removed
     # is then the one W holds, and P's rounding does not survive the projection as a radial residue.
@@ -225,8 +201,9 @@ def token_gram_configs(B: int, N: int, D: int, x_dtype: torch.dtype = torch.bflo
 
     The heuristic: Gram blocks of GRAM_BLOCK (64: wgmma's M) tokens, or the next power of two >= N (>= 16)
     when N is smaller; reductions over D in K_BLOCK steps. The forward's [64, 64] blocks need 4 warps and 3
-    pipeline stages (4 x 8 KB of 16-bit operands a stage); the backward holds two [64, N] fp32 Gram rows
-    (8 warps: 64 registers a thread each) and pipelines 2 stages of a [64 + N, 64] operand pair.
+    pipeline stages (2 x 8 KB of 16-bit operands a stage); the backward makes E's rows in two column halves
+    (two [64, N/2] fp32 Gram blocks live at a time, 8 warps) and pipelines 2 stages of a [64 + N/2, 64]
+    operand pair; its second phase multiplies [64, N/2] by [N/2, D_BLOCK] twice per D block.
     """
     if N > MAX_N:
         raise ValueError(f"token_gram_loss: N = {N} tokens is above the backward kernel's limit {MAX_N} "
@@ -246,15 +223,10 @@ def token_gram_configs(B: int, N: int, D: int, x_dtype: torch.dtype = torch.bflo
     }
 
 
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    # The kernels take strides for b and n; a strided last dim is copied (unit stride gives wide loads).
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def token_gram_forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """L (fp32 scalar) for x, y [B, N, D]."""
     B, N, D = x.shape
-    x_k, y_k = _rows_contiguous(x), _rows_contiguous(y)
+    x_k, y_k = rows_contiguous(x), rows_contiguous(y)
     launch = token_gram_configs(B, N, D, x.dtype, y.dtype)["_token_gram_forward_kernel"]
     partial = torch.empty(launch.grid[::-1], dtype=torch.float32, device=x.device)  # [B, n_tiles^2]
     _token_gram_forward_kernel[launch.grid](
@@ -268,7 +240,7 @@ def token_gram_forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def token_gram_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """dx (x's dtype, contiguous) for the upstream gradient ``grad`` (a 0-dim tensor) of L."""
     B, N, D = x.shape
-    x_k, y_k = _rows_contiguous(x), _rows_contiguous(y)
+    x_k, y_k = rows_contiguous(x), rows_contiguous(y)
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
     launch = token_gram_configs(B, N, D, x.dtype, y.dtype)["_token_gram_backward_kernel"]
     _token_gram_backward_kernel[launch.grid](
@@ -319,15 +291,5 @@ def token_gram_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Fused token-form manifold loss (fp32 scalar) of predicted tokens x and target tokens y, both [B, N, D]
     with N <= MAX_N; x and y may differ in dtype (fp32, fp16, bf16); the gradient flows to x only. Runs as
     the custom op ``torch.ops.repa_fast.token_gram_loss``."""
-    if x.ndim != 3 or x.shape != y.shape:
-        raise ValueError(f"token_gram_loss: x and y must both be [B,N,D], got {list(x.shape)} and {list(y.shape)}")
-    if x.device != y.device:
-        raise ValueError(f"token_gram_loss: x is on {x.device} but y is on {y.device}")
-    if not (x.is_floating_point() and y.is_floating_point()):
-        raise ValueError(f"token_gram_loss: x and y must be floating point, got {x.dtype} and {y.dtype}")
-    if y.requires_grad:
-        raise ValueError("token_gram_loss: y requires grad, but the fused kernel differentiates x only; "
-                         "use repa_fast.losses.token_gram_loss for a trainable target")
-    if x.numel() == 0:
-        raise ValueError(f"token_gram_loss: empty input {list(x.shape)}")
+    check_token_pair("token_gram_loss", x, y, "repa_fast.losses.token_gram_loss")
     return _token_gram_op(x, y)

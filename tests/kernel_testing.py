@@ -88,3 +88,38 @@ def assert_close(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torc
         if not diff <= tol * scale + atol.get(name, 0.0):
             bad[name] = f"|diff| {diff:.3e} > {tol:.1e} * |expected| {scale:.3e} + {atol.get(name, 0.0):.1e}"
     assert not bad, f"not close to the float64 reference: {bad}"
+
+
+H200_SMS = 132  # streaming multiprocessors: a launch of fewer than 2 x 132 programs leaves a long tail
+
+
+def compile_recorded_for_h200(module, launch):
+    """A launch recorded by ``kernels.launch_count.record_launches``, compiled for sm_90 as the JIT compiles it
+    (Triton's own specialisation of the recorded arguments: divisibility hints, 1 as a constant); asserts no
+    spills and that shared memory fits. Returns (signature, divisible, report)."""
+    from repa_fast.kernels import aot
+
+    signature, constexprs, divisible = launch.specialization()
+    report = aot.compile_for_h200_isolated(module.__name__, launch.kernel, signature, constexprs,
+                                           launch.options["num_warps"], launch.options["num_stages"],
+                                           divisible=divisible)
+    print(f"{launch.kernel} grid={launch.grid} {constexprs} {launch.options}: registers={report.registers} "
+          f"spills={report.spills} shared={report.shared} hgmma={report.hgmma}")
+    assert report.spills == 0, report.ptxas_log
+    assert report.shared <= aot.H200_SHARED_LIMIT
+    return signature, divisible, report
+
+
+def assert_compiles_whole(step: Callable, x0: torch.Tensor, *rest) -> None:
+    """``step(x, *rest)`` (a scalar) is one graph to dynamo, with no break, and ``torch.compile(fullgraph=True,
+    backend="aot_eager")`` of it gives eager's value and gradient w.r.t. x, bit for bit."""
+    explanation = torch._dynamo.explain(step)(x0.detach().clone().requires_grad_(), *rest)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        x = x0.detach().clone().requires_grad_()
+        loss = fn(x, *rest)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss, dx), (c_loss, c_dx) = results
+    assert torch.equal(loss, c_loss) and torch.equal(dx, c_dx)

@@ -10,10 +10,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import FP32_RTOL, assert_close, float64_oracle, outputs_and_grads, rel_err, tolerance
+from kernel_testing import (
+    FP32_RTOL,
+    H200_SMS,
+    assert_close,
+    assert_compiles_whole,
+    compile_recorded_for_h200,
+    float64_oracle,
+    outputs_and_grads,
+    rel_err,
+    tolerance,
+)
 
 from repa_fast.kernels import align_loss as align_loss_module
-from repa_fast.kernels import aot
 from repa_fast.kernels.align_loss import align_loss, align_loss_backward, align_loss_configs, align_loss_forward
 from repa_fast.kernels.launch_count import count_launches, record_launches
 from repa_fast.losses import alignment_losses, manifold_gram_loss, token_loss
@@ -246,31 +255,19 @@ def test_torch_op_opcheck():
 
 
 def test_compiles_whole_and_equals_eager():
-    """torch.compile(fullgraph=True) holds the op as one node (dynamo: one graph, no break) and computes what
-    eager does, forward and backward."""
+    """torch.compile(fullgraph=True) holds the op as one node and computes what eager does, forward and backward."""
     g = torch.Generator().manual_seed(41)
-    x0, y = tokens((3, 10, 32), torch.float32, g), tokens((3, 10, 32), torch.float16, g)
 
     def step(x, y):
         lt, lm = align_loss(x * 2.0, y, True, True)  # an op before it, in the same graph
         return lt + 3.0 * lm
 
-    explanation = torch._dynamo.explain(step)(x0.clone().requires_grad_(), y)
-    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
-        x = x0.clone().requires_grad_()
-        loss = fn(x, y)
-        loss.backward()
-        results.append((loss.detach(), x.grad))
-    (loss, dx), (c_loss, c_dx) = results
-    assert torch.equal(loss, c_loss) and torch.equal(dx, c_dx)
+    assert_compiles_whole(step, tokens((3, 10, 32), torch.float32, g), tokens((3, 10, 32), torch.float16, g))
 
 
 # --- the H200 build, ahead of time ---------------------------------------------------------------------
 
 REAL_SHAPE = (48, 256, 1024)  # B, N = 16x16 DINOv2 tokens, D = ViT-L width
-H200_SMS = 132
 
 
 def real_shape_launches(x_dtype, y_dtype) -> list:
@@ -291,17 +288,10 @@ def test_compiles_for_h200(x_dtype, y_dtype):
     launches = real_shape_launches(x_dtype, y_dtype)
     assert [launch.kernel for launch in launches] == sorted(align_loss_configs(*REAL_SHAPE), key=KERNEL_ORDER.index)
     for launch in launches:
-        signature, constexprs, divisible = launch.specialization()
+        signature, divisible, _ = compile_recorded_for_h200(align_loss_module, launch)
         pointers = [name for name, kind in signature.items() if kind.startswith("*")]
         assert set(pointers) <= set(divisible), f"{launch.kernel}: a pointer is not 16-byte aligned"
         assert {"D", "stride_xn", "stride_yn"} & set(signature) <= set(divisible)  # vector loads along D
-        report = aot.compile_for_h200_isolated(align_loss_module.__name__, launch.kernel, signature, constexprs,
-                                               launch.options["num_warps"], launch.options["num_stages"],
-                                               divisible=divisible)
-        print(f"{launch.kernel} grid={launch.grid} {constexprs} {launch.options}: registers={report.registers} "
-              f"spills={report.spills} shared={report.shared} hgmma={report.hgmma}")
-        assert report.spills == 0, report.ptxas_log
-        assert report.shared <= aot.H200_SHARED_LIMIT
         assert "tl.dot" not in inspect.getsource(getattr(align_loss_module, launch.kernel).fn)  # no HGMMA to check
         assert launch.programs >= 2 * H200_SMS, f"{launch.kernel}: {launch.programs} programs, under two waves"
 

@@ -4,13 +4,19 @@ On CPU the kernels run in the Triton interpreter (fp32, fp16); the H200 build is
 the real shape (B=48, N=256, D=1024, x bf16, y fp16); bf16 at the real shape runs only on a GPU.
 """
 
-import inspect
-
 import pytest
 import torch
-from kernel_testing import FP32_RTOL, assert_close, float64_oracle, outputs_and_grads, tolerance
+from kernel_testing import (
+    FP32_RTOL,
+    H200_SMS,
+    assert_close,
+    assert_compiles_whole,
+    compile_recorded_for_h200,
+    float64_oracle,
+    outputs_and_grads,
+    tolerance,
+)
 
-from repa_fast.kernels import aot
 from repa_fast.kernels import token_gram as token_gram_module
 from repa_fast.kernels.launch_count import count_launches, record_launches
 from repa_fast.kernels.token_gram import token_gram_backward, token_gram_configs, token_gram_forward, token_gram_loss
@@ -84,18 +90,7 @@ def test_torch_op_opcheck_and_compile():
     torch.library.opcheck(torch.ops.repa_fast.token_gram_loss.default, (x, y))
     torch.library.opcheck(torch.ops.repa_fast.token_gram_loss_backward.default, (x.detach(), y, torch.tensor(2.0)))
 
-    def step(x, y):
-        return 3.0 * token_gram_loss(x * 2.0, y)
-
-    explanation = torch._dynamo.explain(step)(x, y)
-    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
-        leaf = x.detach().clone().requires_grad_()
-        loss = fn(leaf, y)
-        loss.backward()
-        results.append((loss.detach(), leaf.grad))
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    assert_compiles_whole(lambda x, y: 3.0 * token_gram_loss(x * 2.0, y), x, y)
 
 
 def test_input_errors():
@@ -111,7 +106,6 @@ def test_input_errors():
 # --- the H200 build, ahead of time ---------------------------------------------------------------------
 
 REAL_SHAPE = (48, 256, 1024)
-H200_SMS = 132
 
 
 def test_compiles_for_h200():
@@ -124,16 +118,9 @@ def test_compiles_for_h200():
         token_gram_backward(x, y, torch.empty(()))
     assert [launch.kernel for launch in launches] == list(token_gram_configs(*REAL_SHAPE))
     for launch in launches:
-        signature, constexprs, divisible = launch.specialization()
+        signature, divisible, report = compile_recorded_for_h200(token_gram_module, launch)
         assert {"D", "stride_xn", "stride_yn"} & set(signature) <= set(divisible)
-        report = aot.compile_for_h200_isolated(token_gram_module.__name__, launch.kernel, signature, constexprs,
-                                               launch.options["num_warps"], launch.options["num_stages"],
-                                               divisible=divisible)
-        print(f"{launch.kernel} grid={launch.grid} {constexprs} {launch.options}: registers={report.registers} "
-              f"spills={report.spills} shared={report.shared} hgmma={report.hgmma}")
-        assert report.spills == 0, report.ptxas_log
-        assert report.shared <= aot.H200_SHARED_LIMIT
-        assert "tl.dot(" in inspect.getsource(getattr(token_gram_module, launch.kernel).fn) and report.hgmma
+        assert report.hgmma, f"{launch.kernel}: its Gram products (tl.dot in _gram_block) are not on HGMMA"
     forward, backward = launches
     assert forward.programs >= 2 * H200_SMS
     assert backward.programs == REAL_SHAPE[0] * REAL_SHAPE[1] // 64
