@@ -19,10 +19,9 @@ import functools
 import sys
 
 import torch
-from bench_common import COPY_BYTES_PER_S, gpu_ready, max_relative_difference, time_passes, time_table
+from bench_common import floors_us, gpu_ready, max_relative_difference, print_floors, time_passes, time_table
 from torch._functorch import config as functorch_config
 
-MATMUL_FLOPS_PER_S = 790e12  # H200 bf16 dense matmul rate measured in this workplace (DESIGN.md)
 # measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
 # compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
 functorch_config.donated_buffer = False
@@ -56,12 +55,7 @@ def floor_us(head, feat: torch.Tensor) -> dict[str, dict[str, float]]:
         "forward": (feat_bytes + w_bytes + tok_bytes, gemm),
         "backward": (tok_bytes + feat_bytes + w_bytes + feat_bytes + w_bytes, 2 * gemm),
     }
-    passes["full"] = tuple(f + b for f, b in zip(passes["forward"], passes["backward"], strict=True))
-    out = {}
-    for name, (bytes_, flops) in passes.items():
-        b_us, f_us = bytes_ / COPY_BYTES_PER_S * 1e6, flops / MATMUL_FLOPS_PER_S * 1e6
-        out[name] = {"bytes_us": b_us, "flops_us": f_us, "floor_us": max(b_us, f_us)}
-    return out
+    return floors_us(passes)
 
 
 def implementations(head, compile_backend: str = "inductor"):
@@ -119,11 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     floors = floor_us(head, feat)
     print(f"{torch.cuda.get_device_name()}; feat {list(feat.shape)} bf16 -> "
           f"tokens [{args.batch},{args.tokens},{args.dim}], {args.groups} groups")
-    for pass_name, f in floors.items():
-        print(f"  floor {pass_name}: max(bytes {f['bytes_us']:.1f} us at {COPY_BYTES_PER_S / 1e12:.1f} TB/s, "
-              f"GEMM {f['flops_us']:.1f} us at {MATMUL_FLOPS_PER_S / 1e12:.0f} TFLOP/s) = {f['floor_us']:.1f} us")
-    print("  (forward: read feat + W, write tokens, 2*B*HW*C*D FLOPs; backward: read dtokens + feat + W, write "
-          "dfeat + dW, two GEMMs of 2*B*HW*C*D; full: the sum)")
+    print_floors(floors, "forward: read feat + W, write tokens, 2*B*HW*C*D FLOPs; backward: read dtokens + feat "
+                         "+ W, write dfeat + dW, two GEMMs of 2*B*HW*C*D; full: the sum")
     for name, diff in check_agreement(impls, head, feat, grad).items():
         print(f"  {name}: max relative difference from eager (tokens, gradients) = {diff:.2e}")
 

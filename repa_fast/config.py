@@ -56,6 +56,7 @@ class Config:
     align_schedule: str = "constant"  # constant | cosine (decays to 0 at align_stop_step or max_steps) | stop
     align_stop_step: int | None = None  # alignment off after this step (cosine: where it reaches 0; stop: needed)
     manifold_coeff: float = 3.0
+    manifold_form: str = "sample"  # sample ([B,B] Gram of pooled tokens) | token (per-sample [N,N] token Gram)
     manifold_upper_only: bool = False
     manifold_mask_diag: bool = False
 
@@ -140,6 +141,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "path_type": ("linear", "cosine", "ddpm"),
     "weighting": ("uniform", "lognormal"),
     "align_schedule": ("constant", "cosine", "stop"),
+    "manifold_form": ("sample", "token"),
     "mixed_precision": ("bf16", "fp16", "no"),
     "kernels": ("torch", "triton", "auto"),
     "loader": ("torch", "dali", "auto"),

@@ -233,3 +233,20 @@ def test_alignment_off_runs_the_unet_alone():
     off["loss"].backward()
     assert all(p.grad is None for p in model.align_heads.parameters())  # the heads did not run
     assert not model.hook_manager.features
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_manifold_form_selects_the_gram(kernels):
+    from repa_fast.config import ConfigError, load_config
+    from repa_fast.losses import AlignmentLoss, token_gram_loss
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(3, 16, 32, generator=g), torch.randn(3, 16, 32, generator=g).half()
+    lt, lm = AlignmentLoss(kernels=kernels, form="token")(x, y)
+    torch.testing.assert_close(lt, token_loss(x, y))
+    torch.testing.assert_close(lm, token_gram_loss(x, y), rtol=1e-4, atol=1e-7)
+    lt, lm = AlignmentLoss(upper_only=True, kernels=kernels, form="sample")(x, y)
+    torch.testing.assert_close(lm, manifold_gram_loss(x, y, upper_only=True), rtol=1e-4, atol=1e-7)
+    assert AlignmentLoss.from_config(load_config(None, ["manifold_form=token"])).form == "token"
+    with pytest.raises(ConfigError, match="manifold_form"):
+        load_config(None, ["manifold_form=tokens"])
