@@ -535,7 +535,7 @@ def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dt
     if not root.is_dir():
         raise FileNotFoundError(f"--sd {str(root)!r} is not a folder")
     if (root / "model_index.json").is_file():
-        components = {} if unet is None else {"unet": unet.to(dtype)}
+        components = {} if unet is None else {"unet": unet if unet.dtype == dtype else unet.to(dtype)}
         pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, safety_checker=None,
                                                        requires_safety_checker=False, torch_dtype=dtype, **components)
     else:
@@ -551,7 +551,7 @@ def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dt
                                                        torch_dtype=dtype),
             tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
             unet=(UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True, torch_dtype=dtype)
-                  if unet is None else unet.to(dtype)),
+                  if unet is None else unet if unet.dtype == dtype else unet.to(dtype)),
             scheduler=scheduler_cls.from_pretrained(root / "scheduler", local_files_only=True),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -12,7 +12,8 @@ embedding is row c of the run's CLIP table (``clip_embeddings_path``); the null 
 prompt, which CFG dropout trained) is the unconditional embedding of classifier-free guidance.
 
 Image j of class c starts from noise drawn by a CPU generator seeded with ``image_seed(seed, c, j)``, so
-any image can be regenerated alone, on any device and in any batch, and is written to
+any image can be regenerated alone, on any device and in any batch (the same pixels up to the rounding of
+batched kernels: a level here and there), and is written to
 ``OUT/c{c:04d}_{j:05d}.png``. A rerun skips the PNGs that exist (an interrupted job resumes); one made with
 other settings is refused. With RANK / WORLD_SIZE set (deepspeed, torchrun), the images, ordered by
 (class in ``--classes`` order, j), are dealt round-robin: rank r makes positions r, r + W, r + 2W, ...

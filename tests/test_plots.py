@@ -89,7 +89,8 @@ def test_training_curves_plot_every_logged_key(tmp_path):
         writer.add_scalar("train/loss", 1.0, step)
     writer.close()
     scalars = plots.read_tensorboard_scalars(tmp_path / "tb")
-    assert set(scalars) == {"eval/mid/cknna", "eval/mid/cknna_t0.5"} and scalars["eval/mid/cknna"][1] == (20, pytest.approx(0.4))
+    assert set(scalars) == {"eval/mid/cknna", "eval/mid/cknna_t0.5"}
+    assert scalars["eval/mid/cknna"][1] == (20, pytest.approx(0.4))
 
     series = plots.curve_series(records, scalars)
     assert "eval/mid/cknna_t0.5" not in series and list(series["eval/mid/cknna"][0]) == [10, 20, 30]
