@@ -38,8 +38,8 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        # plots, t-SNE, FID/IS/KID; torchmetrics is fed by the TorchScript Inception file the user gives, not torch-fidelity,
-        # because torch-fidelity (and clean-fid) import torchvision, which has no build for the CPU torch here
+        # plots, t-SNE, FID/IS/KID. torchmetrics is fed by the TorchScript Inception file the user gives: its own
+        # Inception comes from torch-fidelity, which (like clean-fid) imports torchvision (no CPU build for torch here)
         "eval": ["matplotlib>=3.7", "scikit-learn>=1.5", "torchmetrics>=1.4,<2"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
     },

@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -284,17 +284,17 @@ class _Evaluation:
                 "cknna_k": k_used, "cca_dims": cca_dims, "cca_ridge": cca_ridge, "layers": layers,
                 "loss_diff": loss_diff}
 
-    def tsne_images(self, t, max_points: int, n_iter: int = 750,
-                    class_ids: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    def tsne_images(self, t, max_points: int, n_iter: int = 750, class_ids: torch.Tensor | None = None,
+                    class_names: Mapping[int, str] | None = None) -> dict[str, np.ndarray]:
         """One t-SNE image per layer at timestep ``t``; ``class_ids`` [num_samples] (in the order the batches
-        were added) colour the second panel by class."""
+        were added) colour the second panel by class, labelled with ``class_names``."""
         images = {}
         for layer, stats in self.stats[t].items():
             x, y = stats.tokens()
             # tokens are sample-major: len(positions) fixed positions of each sample
             labels = None if class_ids is None else class_ids.cpu().repeat_interleave(len(stats.positions))
             images[layer] = tsne_plot(x, y, f"{layer}, {_t_key(t)}: predicted vs DINO tokens", max_points, self.seed,
-                                      n_iter=n_iter, classes=labels)
+                                      n_iter=n_iter, classes=labels, class_names=class_names)
         return images
 
 
@@ -316,14 +316,15 @@ def evaluate(model, dataset, config: Config, timesteps=None, indices: Sequence[i
              num_samples: int = 64, clip_table: torch.Tensor | None = None, batch_size: int = 16, device=None,
              dtype: torch.dtype | None = None, k: int = 10, cca_dims: int = 16, tokens_per_sample: int = 64,
              cca_ridge: float = 1e-4, seed: int = 0, tsne_dir: str | os.PathLike | None = None,
-             tsne_points: int = 500, tsne_iter: int = 750, tag: str = "") -> dict:
+             tsne_points: int = 500, tsne_iter: int = 750, tag: str = "",
+             class_names: Mapping[int, str] | None = None) -> dict:
     """Alignment metrics of ``model`` on samples of ``dataset`` (an ``SD15AlignedDataset``).
 
     ``indices`` default to the last ``num_samples`` samples; class ids are the CSV's (no CFG dropout),
     embedded with ``clip_table`` (default: the dataset's). Noise is fixed by ``seed`` per sample, so the
     numbers do not depend on ``batch_size``. With ``tsne_dir``, one t-SNE PNG per (layer, timestep) is
-    written there (``tsne_{tag}{layer}_t{t}.png``). Returns the metrics dict (see the module doc);
-    ``indices`` in it is ``[first, last]`` for a contiguous range, else the list.
+    written there (``tsne_{tag}{layer}_t{t}.png``; ``class_names`` label its classes). Returns the metrics
+    dict (see the module doc); ``indices`` in it is ``[first, last]`` for a contiguous range, else the list.
     """
     if isinstance(dataset, torch.utils.data.Subset):
         indices = [dataset.indices[i] for i in (indices if indices is not None else range(len(dataset)))]
@@ -357,7 +358,8 @@ def evaluate(model, dataset, config: Config, timesteps=None, indices: Sequence[i
         if tsne_dir is not None:
             result["tsne"] = {}
             for t in timesteps:
-                for layer, image in run.tsne_images(t, tsne_points, tsne_iter, torch.cat(class_ids)).items():
+                images = run.tsne_images(t, tsne_points, tsne_iter, torch.cat(class_ids), class_names)
+                for layer, image in images.items():
                     path = save_png(image, Path(tsne_dir) / f"tsne_{tag}{layer}_t{t:g}.png")
                     result["tsne"][f"{layer}/{_t_key(t)}"] = str(path)
     return result
@@ -643,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(args: argparse.Namespace) -> dict:
-    from repa_fast.data.cache import load_clip_table
+    from repa_fast.data.cache import load_clip_prompts, load_clip_table
     from repa_fast.data.dataset import build_dataset
 
     run_dir = Path(args.run_dir)
@@ -658,6 +660,8 @@ def run_cli(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
     report = {"run": str(run_dir), "csv": eval_config.csv_path, "weights": {}}
     clip_table = None
+    prompts = load_clip_prompts(config.clip_embeddings_path)
+    class_names = dict(enumerate(prompts)) if prompts else None
     for w in weights:
         model, _ = load_run(run_dir, w, config, args.device, dtype)
         if clip_table is None:
@@ -667,7 +671,7 @@ def run_cli(args: argparse.Namespace) -> dict:
             model, dataset, config, timesteps, num_samples=args.num_samples, clip_table=clip_table,
             batch_size=args.batch_size, k=args.k, cca_dims=args.cca_dims, tokens_per_sample=args.tokens_per_sample,
             seed=args.seed, tsne_dir=out if args.tsne_points > 0 else None, tsne_points=args.tsne_points,
-            tag=f"{w}_")
+            tag=f"{w}_", class_names=class_names)
         del model
     if args.sd:
         dirs = {w: run_dir / WEIGHT_DIRS[w] for w in weights}

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -193,8 +194,8 @@ def curve_groups(keys: Iterable[str]) -> dict[str, list[str]]:
 
 
 def _smooth(values: np.ndarray) -> np.ndarray:
-    """Exponential moving average with a span of ~2 % of the points (NaNs left as gaps)."""
-    alpha = 2.0 / (max(len(values) // 50, 1) + 1)
+    """Exponential moving average with a span of ~4 % of the points (NaNs left as gaps)."""
+    alpha = 2.0 / (max(len(values) // 25, 1) + 1)
     out, level = np.empty_like(values), math.nan
     for i, v in enumerate(values):
         if math.isfinite(v):
@@ -272,7 +273,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], 
             if j < len(images):
                 ax.imshow(images[j])
             if j == 0:
-                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+                ax.set_ylabel(textwrap.fill(label, 22), rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=1.6 / (cell_inches * ncols + 1.8), right=0.99, top=1 - 0.45 / fig.get_figheight(),
                         bottom=0.01, wspace=0.04, hspace=0.04)

@@ -44,6 +44,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; } th { backgroun
 img { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; } figure { margin: 0.6em 0; }
 figcaption { color: #555; font-size: 0.9em; } code { background: #f5f5f5; padding: 0 0.2em; }
 .config { columns: 2; } .config table { width: 100%; }
+.row { display: flex; flex-wrap: wrap; gap: 0 1.5em; align-items: flex-start; }
+.row figure { flex: 1 1 40%; max-width: 49%; }
 """
 
 
@@ -94,8 +96,9 @@ def curves_section(run: Path, out: Path) -> str:
     last = records[-1] if records else {}
     summary = (f'<p class="meta">{len(records)} logged steps, the last at step {last.get("step", "-")}'
                + (f', loss {last["loss"]:.4f}' if isinstance(last.get("loss"), (int, float)) else "") + ".</p>")
-    parts = [_figure(p.name, group) for group, p in pngs.items() if group != "alignment"]
-    section = "<h2>Training curves</h2>" + summary + "".join(parts)
+    wide = [_figure(p.name) for group, p in pngs.items() if group == "losses"]
+    narrow = [_figure(p.name) for group, p in pngs.items() if group not in ("losses", "alignment")]
+    section = "<h2>Training curves</h2>" + summary + "".join(wide) + f'<div class="row">{"".join(narrow)}</div>'
     section += "<h2>Alignment metrics over training</h2>"
     if "alignment" in pngs:
         section += _figure(pngs["alignment"].name, "the launcher's eval every eval_interval steps (held-out batch)")
@@ -138,7 +141,8 @@ def eval_section(eval_dir: Path, out: Path) -> str:
     section = "<h2>Alignment metrics</h2>" + meta + _table(
         ["weights", "layer", "timestep", *METRIC_COLUMNS, "loss_diff"], rows, numeric_from=3)
     section += "<h2>t-SNE of predicted and DINO tokens</h2>"
-    section += "".join(figures) if figures else _absent("t-SNE plots", "repa-fast-evaluate RUN_DIR --tsne-points 500")
+    section += (f'<div class="row">{"".join(figures)}</div>' if figures
+                else _absent("t-SNE plots", "repa-fast-evaluate RUN_DIR --tsne-points 500"))
     if (eval_dir / "grid.png").is_file():
         shutil.copyfile(eval_dir / "grid.png", out / "eval_grid.png")
         section += "<h2>Evaluation sample grid</h2>" + _figure("eval_grid.png", "repa-fast-evaluate --sd")

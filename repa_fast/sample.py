@@ -100,15 +100,6 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
     return classes
 
 
-def class_prompts(table_path: str | os.PathLike) -> list[str] | None:
-    """The prompts of the CLIP table's rows, from the ``<table>.json`` that prepare_clip_embeddings writes."""
-    side = Path(str(table_path) + ".json")
-    if not side.is_file():
-        return None
-    prompts = json.loads(side.read_text(encoding="utf-8")).get("prompts")
-    return prompts if isinstance(prompts, list) else None
-
-
 def rank_jobs(classes: list[int], per_class: int, rank: int, world: int) -> list[tuple[int, int]]:
     """The (class, j) pairs of ``rank``: positions rank, rank + world, ... of the (class, j) order."""
     jobs = [(c, j) for c in classes for j in range(per_class)]
@@ -263,7 +254,7 @@ def default_out(args: argparse.Namespace, scheduler_name: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from repa_fast.data.cache import load_clip_table
+    from repa_fast.data.cache import load_clip_prompts, load_clip_table
     from repa_fast.evaluate import load_run_config, load_run_unet, load_sd_pipeline
 
     if args.per_class < 1 or args.steps < 1 or args.batch_size < 1:
@@ -306,7 +297,7 @@ def run(args: argparse.Namespace) -> dict:
                   "num_images": len(classes) * args.per_class}
         if dist.rank == 0:
             meta = {"settings": settings, "classes": classes, "per_class": args.per_class,
-                    "png": "c{class:04d}_{j:05d}.png", "prompts": class_prompts(config.clip_embeddings_path)}
+                    "png": "c{class:04d}_{j:05d}.png", "prompts": load_clip_prompts(config.clip_embeddings_path)}
             if not args.no_npz:
                 result["npz"] = str(assemble(out, classes, args.per_class, args.size))
                 meta["npz"] = Path(result["npz"]).name
