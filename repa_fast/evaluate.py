@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_intermixed_args(argv)
     try:
         report = run_cli(args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, MissingDependency) as err:
         sys.exit(f"repa-fast-evaluate: {err}")
     for w, result in report["weights"].items():
         for layer, per_t in result["layers"].items():

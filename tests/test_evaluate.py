@@ -1,6 +1,7 @@
 """Alignment metrics, t-SNE, loading a run folder, evaluate(), the launcher hook and sample grids."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -184,6 +185,24 @@ def test_run_alignment_eval_logs_scalars_and_tsne(tiny_run):
     assert result["loss_diff"]["mean"] == pytest.approx(ref["loss_diff"]["mean"], rel=1e-5)
     with pytest.raises(ValueError, match="clip_table"):
         ev.run_alignment_eval(model, {k: v for k, v in batch.items() if k != "encoder_hidden_states"}, config, 1)
+
+
+def test_without_the_plot_packages_the_hook_warns_and_the_cli_names_the_extra(tiny_run, monkeypatch, tmp_path):
+    from repa_fast.data.cache import load_clip_table
+
+    config = tiny_run["config"]
+    table = load_clip_table(config.clip_embeddings_path)
+    model, _ = ev.load_run(tiny_run["run"], "live")
+    batch = ev.held_out_batch(build_dataset(config), 8, clip_table=table, dtype=torch.float32)
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
+    writer = _Recorder()
+    with pytest.warns(RuntimeWarning, match=r"no t-SNE image.*'scikit-learn'.*repa-fast\[eval\]"):
+        ev.run_alignment_eval(model, batch, config, step=3, writer=writer, timesteps=[0.5], k=4, cca_dims=4,
+                              tokens_per_sample=8)
+    assert "eval/mid/cosine" in writer.scalars and not writer.images  # the metrics are logged all the same
+    with pytest.raises(SystemExit, match=r"'scikit-learn'.*repa-fast\[eval\]"):
+        ev.main([str(tiny_run["run"]), "--weights", "ema", "--num-samples", "8", "--k", "4", "--cca-dims", "4",
+                 "--tokens-per-sample", "8", "--timesteps", "0.5", "--out", str(tmp_path)])
 
 
 # --- sample grids ------------------------------------------------------------------------------------
