@@ -3,10 +3,21 @@
 import json
 import string
 
+import pytest
 import torch
 
 from repa_fast.config import Config
 from repa_fast.data.synthetic import write_synthetic_caches
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test (imported by a test module, it applies to all of its tests): the CI
+    machine's cores are shared, and oversubscribed thread pools crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_tiny_run(root, layers=("mid",), num_classes=4, **config_values) -> dict:

@@ -6,7 +6,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers_sd import make_tiny_run, write_sd_folder
+from helpers_sd import (
+    make_tiny_run,
+    one_thread,  # noqa: F401 (autouse fixture)
+    write_sd_folder,
+)
 from PIL import Image
 
 from repa_fast import evaluate as ev
@@ -14,14 +18,6 @@ from repa_fast.data.dataset import build_dataset
 from repa_fast.losses import manifold_gram_loss
 
 LAYERS = ["mid"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine's cores are shared: oversubscribed thread pools crawl
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- metrics -----------------------------------------------------------------------------------------

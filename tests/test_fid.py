@@ -7,19 +7,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers_sd import write_standin_inception
+from helpers_sd import (
+    one_thread,  # noqa: F401 (autouse fixture)
+    write_standin_inception,
+)
 from PIL import Image
 
 from repa_fast import fid
 from repa_fast.optional import MissingDependency
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine's cores are shared
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

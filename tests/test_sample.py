@@ -11,19 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_sd import make_tiny_run, sd15_scheduler, write_sd_folder, write_standin_inception
+from helpers_sd import (
+    make_tiny_run,
+    one_thread,  # noqa: F401 (autouse fixture)
+    sd15_scheduler,
+    write_sd_folder,
+    write_standin_inception,
+)
 from PIL import Image
 
 from repa_fast import sample
 from repa_fast.losses import sd15_alphas_cumprod
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine's cores are shared
-    yield
-    torch.set_num_threads(threads)
 
 
 def _sd15_config() -> dict:
