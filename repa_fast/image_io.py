@@ -50,21 +50,26 @@ def write_npz(path: str | os.PathLike, images: Iterable[np.ndarray], count: int,
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     written = 0
-    with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
-                                                     "shape": (count, *shape)})
-            for image in images:
-                image = np.ascontiguousarray(image, dtype=np.uint8)
-                if image.shape != tuple(shape):
-                    raise ValueError(f"{path}: image {written} has shape {list(image.shape)}, expected {list(shape)}")
-                f.write(image.tobytes())
-                written += 1
-        if written != count:
-            raise ValueError(f"{path}: {written} images written, {count} announced")
-        if labels is not None:
-            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+    try:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
+                                                         "shape": (count, *shape)})
+                for image in images:
+                    image = np.ascontiguousarray(image, dtype=np.uint8)
+                    if image.shape != tuple(shape):
+                        raise ValueError(f"{path}: image {written} has shape {list(image.shape)}, "
+                                         f"expected {list(shape)}")
+                    f.write(image.tobytes())
+                    written += 1
+            if written != count:
+                raise ValueError(f"{path}: {written} images written, {count} announced")
+            if labels is not None:
+                with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 
