@@ -41,7 +41,7 @@ setup(
         # plots, t-SNE, FID/IS/KID. torchmetrics is fed by the TorchScript Inception file the user gives: its own
         # Inception comes from torch-fidelity, which (like clean-fid) imports torchvision (no CPU build for torch here)
         "eval": ["matplotlib>=3.7", "scikit-learn>=1.5", "torchmetrics>=1.4,<2"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5", "scipy>=1.10"],
     },
     entry_points={"console_scripts": [
         "repa-fast-train = repa_fast.train:main",
