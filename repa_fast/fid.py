@@ -180,12 +180,13 @@ def fid_score(sample_features: torch.Tensor, reference: torch.Tensor | tuple[tor
 
 
 def inception_score(probabilities: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
-    """torchmetrics' Inception Score (mean, std over ``splits``) of class probabilities [N, C]."""
+    """torchmetrics' Inception Score of class probabilities [N, C]: (mean, std) over ``splits`` (one: std NaN)."""
     metric = _metric(("inception", "InceptionScore"), feature=_Given(probabilities.shape[1]),
                      splits=min(splits, probabilities.shape[0]))
     metric.update(probabilities.clamp_min(1e-30).log())  # torchmetrics takes logits: softmax(log p) = p
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
         torch.manual_seed(seed)
+        warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom")  # one split: std is NaN
         mean, std = metric.compute()
     return float(mean), float(std)
 
