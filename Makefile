@@ -1,5 +1,5 @@
 # Both targets set themselves up on a fresh machine: a .venv with torch (CPU 2.13.0 unless a torch is
-# already importable there) and this package in editable mode with its dev and dali extras.
+# already importable there) and this package in editable mode with its dev, dali and eval extras.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.repa-fast-installed
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev,dali]"
+	$(PY) -m pip install -e ".[dev,dali,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,14 +33,22 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "tensorboard>=2.10",
+        "transformers>=4.40",
+        "pillow>=9.0",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
+        # plots, t-SNE, FID/IS/KID. torchmetrics is fed by the TorchScript Inception file the user gives: its own
+        # Inception comes from torch-fidelity, which (like clean-fid) imports torchvision (no CPU build for torch here)
+        "eval": ["matplotlib>=3.7", "scikit-learn>=1.5", "torchmetrics>=1.4,<2"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5", "scipy>=1.10"],
     },
     entry_points={"console_scripts": [
         "repa-fast-train = repa_fast.train:main",
         "repa-fast-evaluate = repa_fast.evaluate:main",
+        "repa-fast-sample = repa_fast.sample:main",
+        "repa-fast-fid = repa_fast.fid:main",
+        "repa-fast-report = repa_fast.report:main",
         "repa-fast-sample-subset = repa_fast.preprocessing.sample_subset:main",
         "repa-fast-encode-vae = repa_fast.preprocessing.encode_vae_latents:main",
         "repa-fast-build-dino = repa_fast.preprocessing.build_dino_cache:main",

@@ -7,7 +7,8 @@ A run folder is what ``repa-fast-train`` writes: ``config.json``, ``lora/`` and 
 diffusers LoRA ``pytorch_lora_weights.safetensors`` plus ``align_heads.safetensors``). The base U-Net is
 ``config.model`` (a random-init ``sd15``/``tiny`` base is rebuilt from ``config.seed``, as the launcher
 built it) unless ``model=...`` overrides it. Results go to ``RUN_DIR/eval`` (``--out``): ``metrics.json``,
-one t-SNE PNG per (weights, layer, timestep) and, with ``--sd``, ``grid.png``.
+one t-SNE PNG per (weights, layer, timestep) (scikit-learn's t-SNE drawn with matplotlib, coloured by source and
+by class: the ``eval`` extra) and, with ``--sd``, ``grid.png``.
 
 Metrics per align layer, between predicted tokens x and DINO tokens y ([B, N, D] each), at fixed
 timesteps with fixed noise (``--seed``):
@@ -36,7 +37,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +49,8 @@ import torch.nn.functional as F
 from repa_fast.config import Config, ConfigError, config_from_dict, parse_overrides
 from repa_fast.export import HEADS_WEIGHT_NAME, LORA_WEIGHT_NAME
 from repa_fast.losses import NORM_EPS, SD15Loss, manifold_gram_loss, token_loss
+from repa_fast.optional import MissingDependency
+from repa_fast.plots import save_png, tsne_plot
 
 METRICS = ("cosine", "gram_loss", "cknna", "cca")
 PROMPT_TEMPLATE = "a photo of a {name}"
@@ -187,120 +191,6 @@ def alignment_metrics(pred: torch.Tensor, dino: torch.Tensor, k: int = 10, cca_d
     return stats.result(k, cca_dims, cca_ridge)
 
 
-# --- t-SNE and plots ---------------------------------------------------------------------------------
-
-def _tsne_affinities(d2: torch.Tensor, perplexity: float, steps: int = 64) -> torch.Tensor:
-    """Symmetric P of t-SNE: per-row Gaussian precisions found by bisection to match ``perplexity``."""
-    n = d2.shape[0]
-    off = ~torch.eye(n, dtype=torch.bool, device=d2.device)
-    d2 = d2 / d2[off].mean().clamp_min(1e-12)  # scale-free bisection range
-    d2 = d2 - d2.masked_fill(~off, float("inf")).min(1, keepdim=True).values
-    target = math.log(perplexity)
-    lo = torch.full((n, 1), -30.0, dtype=d2.dtype, device=d2.device)
-    hi = torch.full((n, 1), 30.0, dtype=d2.dtype, device=d2.device)
-    for _ in range(steps):
-        beta = ((lo + hi) / 2).exp()
-        p = torch.exp(-d2 * beta) * off
-        s = p.sum(1, keepdim=True).clamp_min(1e-300)
-        entropy = s.log() + beta * (d2 * p).sum(1, keepdim=True) / s
-        too_flat = entropy > target  # entropy falls as the precision grows
-        lo = torch.where(too_flat, (lo + hi) / 2, lo)
-        hi = torch.where(too_flat, hi, (lo + hi) / 2)
-    p = torch.exp(-d2 * ((lo + hi) / 2).exp()) * off
-    p = p / p.sum(1, keepdim=True).clamp_min(1e-300)
-    return ((p + p.T) / (2 * n)).clamp_min(1e-12)
-
-
-def tsne(x: torch.Tensor, perplexity: float = 30.0, n_iter: int = 750, early_iters: int = 250,
-         early_exaggeration: float = 12.0) -> torch.Tensor:
-    """Exact t-SNE (van der Maaten and Hinton, 2008) of ``x`` [n, D] to [n, 2]; deterministic (PCA start).
-
-    sklearn's defaults: early exaggeration 12, learning rate max(n / 48, 50), momentum 0.5 -> 0.8 and
-    per-coordinate gains. O(n^2) per iteration: meant for at most a few thousand points.
-    """
-    x = x.detach().double()
-    n = x.shape[0]
-    if n < 3:
-        raise ValueError(f"tsne: needs at least 3 points, got {n}")
-    P = _tsne_affinities(torch.cdist(x, x).square(), min(perplexity, (n - 1) / 3))
-    xc = x - x.mean(0)
-    _, _, V = torch.linalg.svd(xc, full_matrices=False)
-    y = xc @ V[:2].T
-    if y.shape[1] < 2:
-        y = F.pad(y, (0, 2 - y.shape[1]))
-    y = y / y[:, 0].std().clamp_min(1e-12) * 1e-4
-    lr = max(n / early_exaggeration / 4, 50.0)
-    update, gains = torch.zeros_like(y), torch.ones_like(y)
-    for it in range(n_iter):
-        exaggeration, momentum = (early_exaggeration, 0.5) if it < early_iters else (1.0, 0.8)
-        num = 1.0 / (1.0 + torch.cdist(y, y).square())
-        num.fill_diagonal_(0.0)
-        Q = (num / num.sum()).clamp_min(1e-12)
-        W = (exaggeration * P - Q) * num
-        grad = 4.0 * (W.sum(1, keepdim=True) * y - W @ y)
-        gains = torch.where((grad > 0) != (update > 0), gains + 0.2, gains * 0.8).clamp_min(0.01)
-        update = momentum * update - lr * gains * grad
-        y = y + update
-    return y
-
-
-_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
-
-
-def scatter_image(points: torch.Tensor, groups: Sequence[str], labels: Sequence[int], title: str = "",
-                  size: int = 640) -> np.ndarray:
-    """A PNG-ready scatter plot [size, size, 3] uint8 of 2-D ``points``; ``labels[i]`` indexes ``groups``."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    pts = points.detach().double().cpu().numpy()
-    margin, top = 24, 48
-    lo, hi = pts.min(0), pts.max(0)
-    box = np.array([size - 2 * margin, size - 2 * margin - top], dtype=np.float64)
-    scale = float((box / np.maximum(hi - lo, 1e-12)).min())  # equal axes, centred in the box
-    xy = (pts - lo) * scale + np.array([margin, margin + top]) + (box - (hi - lo) * scale) / 2
-    image = Image.new("RGB", (size, size), "white")
-    overlay = Image.new("RGBA", (size, size), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    r = 3
-    for (px, py), label in zip(xy, labels, strict=True):
-        draw.ellipse((px - r, py - r, px + r, py + r), fill=_COLORS[label % len(_COLORS)] + (150,))
-    image.paste(overlay, (0, 0), overlay)
-    text = ImageDraw.Draw(image)
-    font = ImageFont.load_default(14)
-    text.text((margin, 6), title, fill="black", font=font)
-    x = margin
-    for g, name in enumerate(groups):
-        text.ellipse((x, 30, x + 10, 40), fill=_COLORS[g % len(_COLORS)])
-        text.text((x + 14, 26), name, fill="black", font=font)
-        x += 24 + int(text.textlength(name, font=font))
-    return np.asarray(image)
-
-
-def tsne_plot(pred: torch.Tensor, dino: torch.Tensor, title: str = "", max_points: int = 500, seed: int = 0,
-              perplexity: float = 30.0, n_iter: int = 750) -> np.ndarray:
-    """t-SNE of paired unit tokens ``pred``, ``dino`` [M, D] (at most ``max_points`` pairs, seeded) as an image.
-
-    Aligned tokens mix; tokens that the head does not align form two separate clouds.
-    """
-    if pred.shape != dino.shape or pred.ndim != 2:
-        raise ValueError(f"tsne_plot: expected paired tokens [M, D], got {list(pred.shape)} and {list(dino.shape)}")
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(pred.shape[0], generator=g)[:max_points].to(pred.device)
-    both = torch.cat([F.normalize(pred[pick].float(), dim=-1), F.normalize(dino[pick].float(), dim=-1)])
-    points = tsne(both, perplexity=perplexity, n_iter=n_iter, early_iters=min(250, n_iter // 3))
-    m = len(pick)
-    return scatter_image(points, ("predicted", "DINO"), [0] * m + [1] * m, title)
-
-
-def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return path
-
-
 # --- evaluation on cached samples --------------------------------------------------------------------
 
 def default_timesteps(path_type: str) -> list[float] | list[int]:
@@ -391,12 +281,17 @@ class _Evaluation:
                 "cknna_k": k_used, "cca_dims": cca_dims, "cca_ridge": cca_ridge, "layers": layers,
                 "loss_diff": loss_diff}
 
-    def tsne_images(self, t, max_points: int, n_iter: int = 750) -> dict[str, np.ndarray]:
+    def tsne_images(self, t, max_points: int, n_iter: int = 750, class_ids: torch.Tensor | None = None,
+                    class_names: Mapping[int, str] | None = None) -> dict[str, np.ndarray]:
+        """One t-SNE image per layer at timestep ``t``; ``class_ids`` [num_samples] (in the order the batches
+        were added) colour the second panel by class, labelled with ``class_names``."""
         images = {}
         for layer, stats in self.stats[t].items():
             x, y = stats.tokens()
+            # tokens are sample-major: len(positions) fixed positions of each sample
+            labels = None if class_ids is None else class_ids.cpu().repeat_interleave(len(stats.positions))
             images[layer] = tsne_plot(x, y, f"{layer}, {_t_key(t)}: predicted vs DINO tokens", max_points, self.seed,
-                                      n_iter=n_iter)
+                                      n_iter=n_iter, classes=labels, class_names=class_names)
         return images
 
 
@@ -417,14 +312,15 @@ def evaluate(model, dataset, config: Config, timesteps=None, indices: Sequence[i
              num_samples: int = 64, clip_table: torch.Tensor | None = None, batch_size: int = 16, device=None,
              dtype: torch.dtype | None = None, k: int = 10, cca_dims: int = 16, tokens_per_sample: int = 64,
              cca_ridge: float = 1e-4, seed: int = 0, tsne_dir: str | os.PathLike | None = None,
-             tsne_points: int = 500, tsne_iter: int = 750, tag: str = "") -> dict:
+             tsne_points: int = 500, tsne_iter: int = 750, tag: str = "",
+             class_names: Mapping[int, str] | None = None) -> dict:
     """Alignment metrics of ``model`` on samples of ``dataset`` (an ``SD15AlignedDataset``).
 
     ``indices`` default to the last ``num_samples`` samples; class ids are the CSV's (no CFG dropout),
     embedded with ``clip_table`` (default: the dataset's). Noise is fixed by ``seed`` per sample, so the
     numbers do not depend on ``batch_size``. With ``tsne_dir``, one t-SNE PNG per (layer, timestep) is
-    written there (``tsne_{tag}{layer}_t{t}.png``). Returns the metrics dict (see the module doc);
-    ``indices`` in it is ``[first, last]`` for a contiguous range, else the list.
+    written there (``tsne_{tag}{layer}_t{t}.png``; ``class_names`` label its classes). Returns the metrics
+    dict (see the module doc); ``indices`` in it is ``[first, last]`` for a contiguous range, else the list.
     """
     if isinstance(dataset, torch.utils.data.Subset):
         indices = [dataset.indices[i] for i in (indices if indices is not None else range(len(dataset)))]
@@ -446,17 +342,20 @@ def evaluate(model, dataset, config: Config, timesteps=None, indices: Sequence[i
     num_tokens = next(iter(first["dino_tokens"].values())).shape[0]
     run = _Evaluation(model, config, timesteps, num_tokens, tokens_per_sample, seed)
     noise = _noise((len(indices), *first["latent"].shape), seed)
+    class_ids = []
     with _TrainMode(model):
         for start in range(0, len(indices), batch_size):
             batch = collate(dataset, indices[start:start + batch_size], device, dtype, clip_table)
             run.add(batch, noise[start:start + batch_size])
+            class_ids.append(batch["class_id"].cpu())
         result = run.result(k, cca_dims, cca_ridge)
         result["indices"] = [indices[0], indices[-1]] if indices == list(range(indices[0], indices[-1] + 1)) \
             else indices
         if tsne_dir is not None:
             result["tsne"] = {}
             for t in timesteps:
-                for layer, image in run.tsne_images(t, tsne_points, tsne_iter).items():
+                images = run.tsne_images(t, tsne_points, tsne_iter, torch.cat(class_ids), class_names)
+                for layer, image in images.items():
                     path = save_png(image, Path(tsne_dir) / f"tsne_{tag}{layer}_t{t:g}.png")
                     result["tsne"][f"{layer}/{_t_key(t)}"] = str(path)
     return result
@@ -491,8 +390,12 @@ def run_alignment_eval(model, batch_or_dataset, config: Config, step: int, write
     with _TrainMode(model):
         run.add(batch, _noise(batch["latent"].shape, seed))
     result = run.result(k, cca_dims, cca_ridge=1e-4)
-    images = run.tsne_images(timesteps[len(timesteps) // 2], tsne_points, tsne_iter) if writer is not None else {}
+    images = {}
     if writer is not None:
+        try:
+            images = run.tsne_images(timesteps[len(timesteps) // 2], tsne_points, tsne_iter, batch["class_id"])
+        except MissingDependency as err:  # a missing plotting package must not stop a training run
+            warnings.warn(f"run_alignment_eval: no t-SNE image: {err}", RuntimeWarning, stacklevel=2)
         for layer, per_t in result["layers"].items():
             for metric in METRICS:
                 writer.add_scalar(f"eval/{layer}/{metric}", per_t["mean"][metric], step)
@@ -575,14 +478,13 @@ def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -
     return config_from_dict(values, str(path))
 
 
-def load_run(run_dir: str | os.PathLike, weights: str = "live", config: Config | None = None, device="cpu",
-             dtype: torch.dtype = torch.float32):
-    """(SD15UNetAligned with the run's ``live`` or ``ema`` LoRA and heads, frozen, in eval mode; its Config).
+def load_run_unet(run_dir: str | os.PathLike, weights: str = "live", config: Config | None = None):
+    """(the run's trained U-Net with the ``live`` or ``ema`` weights, on the CPU in fp32; the weights folder).
 
     The base U-Net is ``config.model``; a random-init base (``sd15``, ``tiny``) is rebuilt from
     ``config.seed`` exactly as the launcher built it. A full fine-tune export (``<dir>/unet``) is loaded whole.
     """
-    from repa_fast.models import SD15UNetAligned, build_unet
+    from repa_fast.models import build_unet
 
     if weights not in WEIGHT_DIRS:
         raise ValueError(f"weights {weights!r} is not one of {list(WEIGHT_DIRS)}")
@@ -598,6 +500,19 @@ def load_run(run_dir: str | os.PathLike, weights: str = "live", config: Config |
         unet = build_unet(str(weights_dir))
     else:
         raise FileNotFoundError(f"{weights_dir}: neither {LORA_WEIGHT_NAME} nor a full U-Net in unet/")
+    return unet, weights_dir
+
+
+def load_run(run_dir: str | os.PathLike, weights: str = "live", config: Config | None = None, device="cpu",
+             dtype: torch.dtype = torch.float32):
+    """(SD15UNetAligned with the run's ``live`` or ``ema`` LoRA and heads, frozen, in eval mode; its Config).
+
+    The U-Net is ``load_run_unet``'s.
+    """
+    from repa_fast.models import SD15UNetAligned
+
+    config = load_run_config(run_dir) if config is None else config
+    unet, weights_dir = load_run_unet(run_dir, weights, config)
     model = SD15UNetAligned(unet, config.align_layers, config.dino_D, num_tokens=config.dino_N,
                             kernels=config.kernels)
     load_heads(model, weights_dir)
@@ -606,9 +521,10 @@ def load_run(run_dir: str | os.PathLike, weights: str = "live", config: Config |
 
 # --- sample grids ------------------------------------------------------------------------------------
 
-def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32):
+def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32, unet=None):
     """A StableDiffusionPipeline from a local folder (no download, no safety checker): ``model_index.json``
-    if present, else the vae, text_encoder, tokenizer, scheduler and unet subfolders."""
+    if present, else the vae, text_encoder, tokenizer, scheduler and unet subfolders. A given ``unet``
+    replaces the folder's (which is then not loaded)."""
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -617,10 +533,12 @@ def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dt
     if not root.is_dir():
         raise FileNotFoundError(f"--sd {str(root)!r} is not a folder")
     if (root / "model_index.json").is_file():
+        components = {} if unet is None else {"unet": unet if unet.dtype == dtype else unet.to(dtype)}
         pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False, torch_dtype=dtype)
+                                                       requires_safety_checker=False, torch_dtype=dtype, **components)
     else:
-        missing = [s for s in ("vae", "text_encoder", "tokenizer", "scheduler", "unet") if not (root / s).is_dir()]
+        needed = ("vae", "text_encoder", "tokenizer", "scheduler") + (("unet",) if unet is None else ())
+        missing = [s for s in needed if not (root / s).is_dir()]
         if missing:
             raise FileNotFoundError(f"--sd {str(root)!r}: no model_index.json and no subfolder(s) {missing}")
         scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
@@ -630,7 +548,8 @@ def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dt
             text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True,
                                                        torch_dtype=dtype),
             tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
-            unet=UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True, torch_dtype=dtype),
+            unet=(UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True, torch_dtype=dtype)
+                  if unet is None else unet if unet.dtype == dtype else unet.to(dtype)),
             scheduler=scheduler_cls.from_pretrained(root / "scheduler", local_files_only=True),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -722,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(args: argparse.Namespace) -> dict:
-    from repa_fast.data.cache import load_clip_table
+    from repa_fast.data.cache import load_clip_prompts, load_clip_table
     from repa_fast.data.dataset import build_dataset
 
     run_dir = Path(args.run_dir)
@@ -737,6 +656,8 @@ def run_cli(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
     report = {"run": str(run_dir), "csv": eval_config.csv_path, "weights": {}}
     clip_table = None
+    prompts = load_clip_prompts(config.clip_embeddings_path)
+    class_names = dict(enumerate(prompts)) if prompts else None
     for w in weights:
         model, _ = load_run(run_dir, w, config, args.device, dtype)
         if clip_table is None:
@@ -746,7 +667,7 @@ def run_cli(args: argparse.Namespace) -> dict:
             model, dataset, config, timesteps, num_samples=args.num_samples, clip_table=clip_table,
             batch_size=args.batch_size, k=args.k, cca_dims=args.cca_dims, tokens_per_sample=args.tokens_per_sample,
             seed=args.seed, tsne_dir=out if args.tsne_points > 0 else None, tsne_points=args.tsne_points,
-            tag=f"{w}_")
+            tag=f"{w}_", class_names=class_names)
         del model
     if args.sd:
         dirs = {w: run_dir / WEIGHT_DIRS[w] for w in weights}
@@ -762,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_intermixed_args(argv)
     try:
         report = run_cli(args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, MissingDependency) as err:
         sys.exit(f"repa-fast-evaluate: {err}")
     for w, result in report["weights"].items():
         for layer, per_t in result["layers"].items():

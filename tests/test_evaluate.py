@@ -1,28 +1,23 @@
 """Alignment metrics, t-SNE, loading a run folder, evaluate(), the launcher hook and sample grids."""
 
 import json
-import string
+import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers_sd import (
+    make_tiny_run,
+    one_thread,  # noqa: F401 (autouse fixture)
+    write_sd_folder,
+)
 from PIL import Image
 
 from repa_fast import evaluate as ev
-from repa_fast.config import Config
 from repa_fast.data.dataset import build_dataset
-from repa_fast.data.synthetic import write_synthetic_caches
 from repa_fast.losses import manifold_gram_loss
 
 LAYERS = ["mid"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine's cores are shared: oversubscribed thread pools crawl
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- metrics -----------------------------------------------------------------------------------------
@@ -84,56 +79,12 @@ def test_metric_arguments_are_checked():
         ev.cca_score(a, a[:5], dims=2)
 
 
-# --- t-SNE -------------------------------------------------------------------------------------------
-
-def test_tsne_keeps_clusters_apart_and_writes_a_png(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    centers = 4.0 * torch.randn(3, 20, generator=g)
-    labels = torch.arange(3).repeat_interleave(30)
-    x = centers[labels] + torch.randn(90, 20, generator=g)
-    y = ev.tsne(x, perplexity=15, n_iter=300, early_iters=100)
-    assert y.shape == (90, 2) and torch.isfinite(y).all()
-    assert torch.equal(y, ev.tsne(x, perplexity=15, n_iter=300, early_iters=100))  # deterministic
-    d = torch.cdist(y, y).fill_diagonal_(float("inf"))
-    knn = d.topk(5, largest=False).indices
-    assert (labels[knn] == labels[:, None]).float().mean() > 0.95
-
-    pred, dino = torch.randn(60, 16, generator=g), torch.randn(60, 16, generator=g)
-    image = ev.tsne_plot(pred, dino, "mid", max_points=40, n_iter=150)
-    path = ev.save_png(image, tmp_path / "tsne.png")
-    with Image.open(path) as im:
-        assert im.size == (640, 640) and im.mode == "RGB"
-        pixels = np.asarray(im)
-    colors = {tuple(c) for c in pixels.reshape(-1, 3)[::7]}
-    assert len(colors) > 10  # points were drawn, not a blank canvas
-
-
 # --- a tiny run folder -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Synthetic caches, and a run folder as the launcher leaves it: config.json, lora/, lora_ema/."""
-    from repa_fast.export import export_weights
-    from repa_fast.models import build_aligned_unet
-
-    root = tmp_path_factory.mktemp("evaluate")
-    paths = write_synthetic_caches(root / "data", num_samples=20, num_classes=4, align_layers=LAYERS,
-                                   latent_shape=(4, 16, 16), num_tokens=64, dino_D=64, clip_shape=(77, 32))
-    run = root / "run"
-    config = Config(**paths, output_dir=str(run), model="tiny", align_layers=LAYERS, dino_D=64, dino_N=64,
-                    lora_rank=4, lora_alpha=8, mixed_precision="no", batch_size=4)
-    torch.manual_seed(config.seed)  # as the launcher builds the model
-    model = build_aligned_unet(config)
-    g = torch.Generator().manual_seed(1)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with torch.no_grad():  # stands in for training: LoRA B and the heads move away from their init
-        for p in trainable.values():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    ema = {n: p.detach() + 0.02 * torch.randn(p.shape, generator=g) for n, p in trainable.items()}
-    export_weights(model, run / "lora")
-    export_weights(model, run / "lora_ema", weights=ema)
-    (run / "config.json").write_text(json.dumps(config.to_dict()))
-    return {"root": root, "run": run, "config": config, "model": model, "ema": ema}
+    return make_tiny_run(tmp_path_factory.mktemp("evaluate"), LAYERS)
 
 
 def test_load_run_reproduces_the_trained_weights(tiny_run):
@@ -188,7 +139,7 @@ def test_evaluate_is_batch_independent_and_the_cli_writes_json_and_plots(tiny_ru
     for w in ("live", "ema"):
         for t in ("0.25", "0.5", "0.75"):
             with Image.open(out / f"tsne_{w}_mid_t{t}.png") as im:
-                assert im.size == (640, 640)
+                assert im.size[0] == 2 * im.size[1]  # two panels: by source and by class
 
 
 class _Recorder:
@@ -219,7 +170,8 @@ def test_run_alignment_eval_logs_scalars_and_tsne(tiny_run):
                                                      for t in ("0.25", "0.5", "0.75")} | {"eval/loss_diff"}
     assert set(writer.scalars) == want and all(step == 7 for _, step in writer.scalars.values())
     image, step, fmt = writer.images["eval/mid/tsne"]
-    assert image.shape == (640, 640, 3) and image.dtype == np.uint8 and fmt == "HWC" and step == 7
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8 and fmt == "HWC" and step == 7
+    assert image.shape[1] == 2 * image.shape[0]  # by source and by class
     # the same numbers as evaluate() on the same samples with the same seed
     ref = ev.evaluate(model, dataset, config, num_samples=12, clip_table=table, k=4, cca_dims=8,
                       tokens_per_sample=16, seed=config.seed)
@@ -231,32 +183,25 @@ def test_run_alignment_eval_logs_scalars_and_tsne(tiny_run):
         ev.run_alignment_eval(model, {k: v for k, v in batch.items() if k != "encoder_hidden_states"}, config, 1)
 
 
+def test_without_the_plot_packages_the_hook_warns_and_the_cli_names_the_extra(tiny_run, monkeypatch, tmp_path):
+    from repa_fast.data.cache import load_clip_table
+
+    config = tiny_run["config"]
+    table = load_clip_table(config.clip_embeddings_path)
+    model, _ = ev.load_run(tiny_run["run"], "live")
+    batch = ev.held_out_batch(build_dataset(config), 8, clip_table=table, dtype=torch.float32)
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
+    writer = _Recorder()
+    with pytest.warns(RuntimeWarning, match=r"no t-SNE image.*'scikit-learn'.*repa-fast\[eval\]"):
+        ev.run_alignment_eval(model, batch, config, step=3, writer=writer, timesteps=[0.5], k=4, cca_dims=4,
+                              tokens_per_sample=8)
+    assert "eval/mid/cosine" in writer.scalars and not writer.images  # the metrics are logged all the same
+    with pytest.raises(SystemExit, match=r"'scikit-learn'.*repa-fast\[eval\]"):
+        ev.main([str(tiny_run["run"]), "--weights", "ema", "--num-samples", "8", "--k", "4", "--cca-dims", "4",
+                 "--tokens-per-sample", "8", "--timesteps", "0.5", "--out", str(tmp_path)])
+
+
 # --- sample grids ------------------------------------------------------------------------------------
-
-def _write_sd_folder(path, unet):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
-    vocab.update({f"{c}</w>": 26 + i for i, c in enumerate(string.ascii_lowercase)})
-    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
-    tok_dir = path.parent / "tokenizer_src"
-    tok_dir.mkdir(parents=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                        sample_size=64)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=54, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=52,
-                                        eos_token_id=53, pad_token_id=53))
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer,
-                                   unet=unet, scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(path)
-
 
 def test_sample_grid_rows_and_size(tiny_run):
     from repa_fast.models import build_unet
@@ -264,7 +209,7 @@ def test_sample_grid_rows_and_size(tiny_run):
     config = tiny_run["config"]
     torch.manual_seed(config.seed)
     sd = tiny_run["root"] / "sd"
-    _write_sd_folder(sd, build_unet("tiny"))  # the base the run's LoRA was trained on
+    write_sd_folder(sd, build_unet("tiny"))  # the base the run's LoRA was trained on
     run = tiny_run["run"]
     dirs = {"base": None, "live": run / "lora", "ema": run / "lora_ema"}
     classes, seeds, size = ["tench", "goldfish"], [0, 1], 64

@@ -252,3 +252,13 @@ def load_clip_table(path: str | os.PathLike, num_rows: int | None = None, dim: i
     if dim is not None and table.shape[-1] != dim:
         raise CacheError(f"{path}: embedding dim is {table.shape[-1]}, the U-Net expects {dim}")
     return table
+
+
+def load_clip_prompts(path: str | os.PathLike) -> list[str] | None:
+    """The prompt of each CLIP table row, from the ``<table>.json`` that prepare_clip_embeddings writes beside
+    it (None without one): labels for plots and sample grids."""
+    side = Path(str(path) + ".json")
+    if not side.is_file():
+        return None
+    prompts = json.loads(side.read_text(encoding="utf-8")).get("prompts")
+    return prompts if isinstance(prompts, list) else None
