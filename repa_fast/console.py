@@ -108,6 +108,7 @@ class Console:
         self._file = None
         self._root_state = (logging.root.level, list(logging.root.handlers))
         self._moved: list[tuple[logging.StreamHandler, object]] = []
+        self._added: list[tuple[logging.Logger, logging.Handler]] = []
         self._showwarning = warnings.showwarning
         console = logging.StreamHandler(self.stderr)
         console.setFormatter(logging.Formatter(self.rank_tag + CONSOLE_FORMAT))
@@ -142,10 +143,19 @@ class Console:
         for name, logger in list(logging.root.manager.loggerDict.items()):
             if not isinstance(logger, logging.Logger) or _is_own_logger(name):
                 continue
+            added = [h for lg, h in self._added if lg is logger]
             for handler in logger.handlers:
-                if isinstance(handler, logging.StreamHandler) and handler.stream in (self.stdout, self.stderr):
+                if handler not in added and isinstance(handler, logging.StreamHandler) and \
+                        handler.stream in (self.stdout, self.stderr):
                     self._moved.append((handler, handler.stream))
                     handler.setStream(self.log)
+            logs_here = any(getattr(h, "stream", None) is self.log for h in logger.handlers)
+            if logs_here and not logger.propagate and not added:  # errors still reach the terminal
+                errors = logging.StreamHandler(self.stderr)
+                errors.setLevel(logging.ERROR)
+                errors.setFormatter(logging.Formatter(self.rank_tag + CONSOLE_FORMAT))
+                logger.addHandler(errors)
+                self._added.append((logger, errors))
 
     def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         self.log.write(warnings.formatwarning(message, category, filename, lineno, line))
@@ -161,7 +171,9 @@ class Console:
     def close(self) -> None:
         for handler, stream in self._moved:
             handler.setStream(stream)
-        self._moved = []
+        for logger, handler in self._added:
+            logger.removeHandler(handler)
+        self._moved, self._added = [], []
         if self.log is not None and sys.stdout is self.log:
             sys.stdout = self.stdout
         warnings.showwarning = self._showwarning

@@ -497,14 +497,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = run_main(PROG, load_run_config, args)
     console = Console(Path(config.output_dir) / "console.log", verbose=args.verbose)
-    run_main(PROG, check_inputs, config, args)
-    console.capture_libraries()
-    # FloatingPointError: train() stops on non-finite losses with one (errors.NonFiniteError is the RunError)
-    result = run_main(PROG, train, config, args, expected=(FloatingPointError,))
-    if int(os.environ.get("RANK", 0)) == 0 and result["last_loss"] is not None:
-        console.print(f"done: {result['step']} steps, loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
-                      f"output in {config.output_dir}")
-    console.close()
+    try:
+        run_main(PROG, check_inputs, config, args)
+        console.capture_libraries()
+        # FloatingPointError: train() stops on non-finite losses with one (errors.NonFiniteError is the RunError)
+        result = run_main(PROG, train, config, args, expected=(FloatingPointError,))
+        if int(os.environ.get("RANK", 0)) == 0 and result["last_loss"] is not None:
+            console.print(f"done: {result['step']} steps, loss {result['first_loss']:.4f} -> "
+                          f"{result['last_loss']:.4f}, output in {config.output_dir}")
+    finally:
+        console.close()
 
 
 if __name__ == "__main__":
