@@ -67,13 +67,8 @@ def one_line(err: BaseException) -> str:
 
 def peer_lost(err: BaseException) -> bool:
     """True for the error of a collective whose peer process has ended, in a multi-process run."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return False
-    try:
-        from torch.distributed import DistError
-    except ImportError:  # pragma: no cover - torch without distributed
-        DistError = ()  # noqa: N806
-    return isinstance(err, DistError) or (isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_LOST))
+    multi = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    return multi and isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_LOST)
 
 
 def fail(prog: str, message: str) -> NoReturn:

@@ -128,10 +128,24 @@ def test_every_bad_input_stops_with_one_line_naming_it(data, tmp_path, capsys):
             assert word in lines[0], (name, word, lines[0])
 
 
-def test_a_bug_keeps_its_traceback_and_errors_are_one_line():
+def test_a_bug_keeps_its_traceback_and_errors_are_one_line(monkeypatch, capsys):
     def bug():
         raise KeyError("a bug")
 
+    def peer_gone():  # what gloo raises on a rank whose peer process has ended
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:16282. This is typically ...")
+
+    with pytest.raises(KeyError):
+        run_main("prog", bug)
+    with pytest.raises(RuntimeError):  # one process: no peer to lose, a bug
+        run_main("prog", peer_gone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as stop:
+        run_main("prog", peer_gone)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "prog: rank 0: stopped: another rank left the run (Connection closed by " \
+                                      "peer); that rank's own line says why\n"
     with pytest.raises(KeyError):
         run_main("prog", bug)
     assert issubclass(InputError, RunError) and issubclass(InputError, ValueError)

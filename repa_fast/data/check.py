@@ -178,7 +178,8 @@ def check_caches(config: Config, progress: bool = True) -> Report:
 def _format_stats(name: str, s: dict) -> str:
     if not s.get("count"):
         return f"  {name:<16} no sound records"
-    return (f"  {name:<16} {s['records']:>8} records {s['count']:>12} values  mean {s['mean']:+.4f}  "
+    what = str(s["shape"]) if "shape" in s else f"{s['records']} records"
+    return (f"  {name:<16} {what:>16} {s['count']:>12} values  mean {s['mean']:+.4f}  "
             f"std {s['std']:.4f}  min {s['min']:+.4f}  max {s['max']:+.4f}")
 
 
@@ -197,7 +198,7 @@ def print_report(report: Report, out=None) -> None:
             note = " (excluded)" if sample_id in report.excluded else ""
             print(f"  {sample_id}{note}: {'; '.join(reasons)}", file=out)
     if report.ok:
-        print("no problems found", file=out)
+        print("no problems found" + (" outside exclude_ids_path" if report.bad else ""), file=out)
 
 
 def build_parser() -> argparse.ArgumentParser:
