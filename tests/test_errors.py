@@ -228,3 +228,30 @@ def test_missing_record_in_a_loader_worker_on_rank_1_is_one_line(data, tmp_path)
     paths, key = _broken_copy(root, tmp_path, "dino", lambda i: f"{i}_mid", None)
     r = _launch(tmp_path / "run", paths, "num_workers=1")
     _assert_rank1_failed(r, "dino", f"missing record '{key}'", "(raised in a worker process)")
+
+
+def test_the_other_entry_points_fail_with_one_line(data, tmp_path, capsys):
+    from repa_fast.config import Config
+    from repa_fast.evaluate import main as evaluate_main
+    from repa_fast.preprocessing.build_dino_cache import main as dino_main
+    from repa_fast.preprocessing.sample_subset import main as subset_main
+
+    root, paths = data
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**Config().to_dict(), **paths, "csv_path": str(tmp_path / "x.csv")}))
+    cases = [
+        (evaluate_main, [str(tmp_path / "nothing")], "repa-fast-evaluate: ", ["nothing", "no config.json"]),
+        (evaluate_main, [str(run)], "repa-fast-evaluate: ", ["x.csv", "does not exist"]),
+        (subset_main, ["--imagenet-dir", str(tmp_path / "no_images"), "--output-csv", str(tmp_path / "o.csv")],
+         "repa-fast-sample-subset: ", ["no_images", "does not exist"]),
+        (dino_main, ["--csv-path", str(root / "train.csv"), "--dino", str(tmp_path / "no_dino"), "--output-dir",
+                     str(tmp_path / "d"), "--device", "cpu"], "repa-fast-build-dino: ", ["no_dino", "does not exist"]),
+    ]
+    for main, argv, prog, words in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert stop.value.code == 1 and "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith(prog) and all(word in lines[0] for word in words), lines[0]
