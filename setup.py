@@ -53,5 +53,6 @@ setup(
         "repa-fast-encode-vae = repa_fast.preprocessing.encode_vae_latents:main",
         "repa-fast-build-dino = repa_fast.preprocessing.build_dino_cache:main",
         "repa-fast-prepare-clip = repa_fast.preprocessing.prepare_clip_embeddings:main",
+        "repa-fast-check-cache = repa_fast.data.check:main",
     ]},
 )

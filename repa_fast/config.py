@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,11 +17,13 @@ from typing import Any
 
 import yaml
 
+from repa_fast.errors import RunError
+
 ALIGN_LAYERS = ("mid", "enc_last", "dec_first")
 
 
-class ConfigError(ValueError):
-    """A config key is unknown, or its value has the wrong type or is not one of the choices."""
+class ConfigError(RunError, ValueError):
+    """A config key is unknown, or its value has the wrong type, is out of range or is not one of the choices."""
 
 
 @dataclass
@@ -35,6 +38,8 @@ class Config:
     clip_embeddings_path: str = "clip_embeddings_1001.pt"
     eval_csv_path: str | None = None  # held-out samples (in the same caches) for the periodic alignment
     # metrics; None: the last 64 samples of csv_path (which are also trained on)
+    exclude_ids_path: str | None = None  # sample ids to leave out (one a line; repa-fast-check-cache
+    # --write-exclude writes it); the other samples keep their shuffling and CFG dropout (see data/dataset.py)
 
     # Model
     model: str = "sd15"  # sd15 | tiny | path to a local diffusers folder (UNet2DConditionModel)
@@ -117,11 +122,29 @@ class Config:
         if self.align_schedule == "constant" and self.align_stop_step is not None:
             raise ConfigError("config key 'align_stop_step': the constant schedule never stops; "
                               "set align_schedule: stop (or cosine, which decays to 0 there)")
-        if self.num_workers < 0:
-            raise ConfigError(f"config key 'num_workers': must be >= 0, got {self.num_workers}")
-        for key in ("cfg_dropout", "ema_decay"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"config key {key!r}: must be in [0, 1], got {getattr(self, key)}")
+        if self.align_warmup_steps > self.max_steps:
+            raise ConfigError(f"config key 'align_warmup_steps': {self.align_warmup_steps} warm-up steps are more than "
+                              f"the run's max_steps={self.max_steps}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Numbers outside their range stop here, naming the key, not later as a NaN or a traceback."""
+        for key, hint in _HINTS.items():
+            if hint is float and not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"config key {key!r}: must be a finite number, got {getattr(self, key)}")
+        for key in ("num_workers", "seed", "weight_decay", "gradient_clip", "align_coeff", "manifold_coeff"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key {key!r}: must be >= 0, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"config key 'learning_rate': must be positive, got {self.learning_rate}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ConfigError(f"config key 'lora_alpha': must be positive (or null: alpha = lora_rank), "
+                              f"got {self.lora_alpha}")
+        if not 0.0 <= self.cfg_dropout <= 1.0:
+            raise ConfigError(f"config key 'cfg_dropout': must be in [0, 1], got {self.cfg_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"config key 'ema_decay': must be in [0, 1) (1 would never move the EMA weights), "
+                              f"got {self.ema_decay}")
 
     @property
     def lora_scale_alpha(self) -> int:

@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -46,7 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa_fast.config import Config, ConfigError, config_from_dict, parse_overrides
+from repa_fast.config import Config, config_from_dict, parse_overrides
+from repa_fast.errors import InputError, MissingFileError, run_main
 from repa_fast.export import HEADS_WEIGHT_NAME, LORA_WEIGHT_NAME
 from repa_fast.losses import NORM_EPS, SD15Loss, manifold_gram_loss, token_loss
 from repa_fast.optional import MissingDependency
@@ -329,7 +329,7 @@ def evaluate(model, dataset, config: Config, timesteps=None, indices: Sequence[i
         indices = range(max(0, len(dataset) - num_samples), len(dataset))
     indices = [int(i) for i in indices]
     if len(indices) < 4:
-        raise ValueError(f"evaluate: needs at least 4 samples, got {len(indices)}")
+        raise InputError(f"evaluate: needs at least 4 samples, got {len(indices)} (--num-samples, or a longer CSV)")
     if clip_table is None:
         clip_table = getattr(dataset, "clip_table", None)
     if clip_table is None:
@@ -426,13 +426,13 @@ def read_lora(lora_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
 
     path = Path(lora_dir) / LORA_WEIGHT_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no LoRA weights {str(path)!r}")
+        raise MissingFileError(f"no LoRA weights {str(path)!r}")
     state = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     others = sorted(k for k in state if not k.startswith("unet."))
     if others:
-        raise ValueError(f"{path}: holds weights outside the U-Net ({others[:3]}); expected only 'unet.' keys")
+        raise InputError(f"{path}: holds weights outside the U-Net ({others[:3]}); expected only 'unet.' keys")
     metadata = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else None
     return convert_unet_state_dict_to_peft(state), metadata
 
@@ -443,8 +443,8 @@ def load_lora(unet, lora_dir: str | os.PathLike, adapter_name: str = "default") 
     unet.load_lora_adapter(state, prefix="unet", adapter_name=adapter_name, metadata=metadata)
     loaded = [n for n, _ in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
     if len(loaded) != len(state):
-        raise RuntimeError(f"{Path(lora_dir) / LORA_WEIGHT_NAME}: {len(state)} LoRA tensors in the file but "
-                           f"{len(loaded)} were loaded into the U-Net")
+        raise InputError(f"{Path(lora_dir) / LORA_WEIGHT_NAME}: {len(state)} LoRA tensors in the file but "
+                         f"{len(loaded)} were loaded into the U-Net (config key 'model': another base U-Net?)")
 
 
 def load_heads(model, weights_dir: str | os.PathLike) -> None:
@@ -454,7 +454,7 @@ def load_heads(model, weights_dir: str | os.PathLike) -> None:
 
     path = Path(weights_dir) / HEADS_WEIGHT_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no align heads {str(path)!r}")
+        raise MissingFileError(f"no align heads {str(path)!r}")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     want = {"layers": list(model.align_layers), "D": model.D,
@@ -462,18 +462,22 @@ def load_heads(model, weights_dir: str | os.PathLike) -> None:
     have = {"layers": json.loads(meta.get("layers", "null")), "D": int(meta.get("D", -1)),
             "num_tokens": int(meta.get("num_tokens", -1))}
     if have != want:
-        raise ValueError(f"{path}: heads are for {have}, the run config gives {want}")
+        raise InputError(f"{path}: heads are for {have}, the run config gives {want}")
     result = model.align_heads.load_state_dict(load_file(str(path)), strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise KeyError(f"{path}: missing keys {result.missing_keys[:3]}, unexpected keys {result.unexpected_keys[:3]}")
+        raise InputError(f"{path}: missing keys {result.missing_keys[:3]}, unexpected keys "
+                         f"{result.unexpected_keys[:3]}")
 
 
 def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
     """``config.json`` of a run folder with ``key=value`` overrides (e.g. moved cache paths, ``model=``)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r}: no config.json (not a repa-fast run folder)")
-    values = json.loads(path.read_text(encoding="utf-8"))
+        raise MissingFileError(f"{str(run_dir)!r}: no config.json (not a repa-fast run folder)")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
     values.update(parse_overrides(list(overrides)))
     return config_from_dict(values, str(path))
 
@@ -487,11 +491,11 @@ def load_run_unet(run_dir: str | os.PathLike, weights: str = "live", config: Con
     from repa_fast.models import build_unet
 
     if weights not in WEIGHT_DIRS:
-        raise ValueError(f"weights {weights!r} is not one of {list(WEIGHT_DIRS)}")
+        raise InputError(f"weights {weights!r} is not one of {list(WEIGHT_DIRS)}")
     config = load_run_config(run_dir) if config is None else config
     weights_dir = Path(run_dir) / WEIGHT_DIRS[weights]
     if not weights_dir.is_dir():
-        raise FileNotFoundError(f"{str(run_dir)!r}: no {WEIGHT_DIRS[weights]}/ (the launcher writes it at the end)")
+        raise MissingFileError(f"{str(run_dir)!r}: no {WEIGHT_DIRS[weights]}/ (the launcher writes it at the end)")
     torch.manual_seed(config.seed)  # the launcher seeds before building the U-Net
     if (weights_dir / LORA_WEIGHT_NAME).is_file():
         unet = build_unet(config.model)
@@ -499,7 +503,7 @@ def load_run_unet(run_dir: str | os.PathLike, weights: str = "live", config: Con
     elif (weights_dir / "unet" / "config.json").is_file():
         unet = build_unet(str(weights_dir))
     else:
-        raise FileNotFoundError(f"{weights_dir}: neither {LORA_WEIGHT_NAME} nor a full U-Net in unet/")
+        raise MissingFileError(f"{weights_dir}: neither {LORA_WEIGHT_NAME} nor a full U-Net in unet/")
     return unet, weights_dir
 
 
@@ -531,7 +535,7 @@ def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dt
 
     root = Path(sd_folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"--sd {str(root)!r} is not a folder")
+        raise MissingFileError(f"--sd {str(root)!r} is not a folder")
     if (root / "model_index.json").is_file():
         components = {} if unet is None else {"unet": unet if unet.dtype == dtype else unet.to(dtype)}
         pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, safety_checker=None,
@@ -540,7 +544,7 @@ def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dt
         needed = ("vae", "text_encoder", "tokenizer", "scheduler") + (("unet",) if unet is None else ())
         missing = [s for s in needed if not (root / s).is_dir()]
         if missing:
-            raise FileNotFoundError(f"--sd {str(root)!r}: no model_index.json and no subfolder(s) {missing}")
+            raise MissingFileError(f"--sd {str(root)!r}: no model_index.json and no subfolder(s) {missing}")
         scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         scheduler_cls = getattr(diffusers, scheduler_config.get("_class_name", "PNDMScheduler"))
         pipe = StableDiffusionPipeline(
@@ -568,9 +572,9 @@ def sample_grid(sd_folder, lora_dirs, classes: Sequence[str], seeds: Sequence[in
     beside the PNG lists the rows and the columns.
     """
     if "{name}" not in template:
-        raise ValueError(f"template {template!r} has no '{{name}}' placeholder")
+        raise InputError(f"template {template!r} has no '{{name}}' placeholder")
     if not classes or not seeds:
-        raise ValueError("sample_grid: needs at least one class and one seed")
+        raise InputError("sample_grid: needs at least one class and one seed (--classes, --seeds)")
     from PIL import Image
 
     rows_spec = list(lora_dirs.items()) if isinstance(lora_dirs, dict) else [(Path(d).name, d) for d in lora_dirs]
@@ -681,10 +685,7 @@ def run_cli(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_intermixed_args(argv)
-    try:
-        report = run_cli(args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, MissingDependency) as err:
-        sys.exit(f"repa-fast-evaluate: {err}")
+    report = run_main("repa-fast-evaluate", run_cli, args)
     for w, result in report["weights"].items():
         for layer, per_t in result["layers"].items():
             mean = per_t["mean"]

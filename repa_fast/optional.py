@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from repa_fast.errors import RunError
+
 # import name -> (PyPI package, setup.py extra that installs it)
 EXTRAS = {
     "matplotlib": ("matplotlib", "eval"),
@@ -13,7 +15,7 @@ EXTRAS = {
 }
 
 
-class MissingDependency(ImportError):
+class MissingDependency(RunError, ImportError):
     """An optional package is not installed; the message names it and the extra that brings it."""
 
 

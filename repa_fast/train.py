@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from repa_fast.config import Config, ConfigError, load_config
+from repa_fast.errors import NonFiniteError
 
 logger = logging.getLogger("repa_fast.train")
 
@@ -314,7 +314,7 @@ class StepLog:
                 warnings.warn(f"non-finite loss at step {step}: step skipped ({self.nonfinite_in_a_row} in a row); "
                               f"its samples by rank: {ids}", RuntimeWarning, stacklevel=1)
             if self.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise FloatingPointError(
+                raise NonFiniteError(
                     f"{self.nonfinite_in_a_row} non-finite losses in a row, the last at step {step}: stopping "
                     f"(their samples are in nonfinite_samples.jsonl; lower learning_rate or check those records "
                     f"with repa-fast-check-cache)")
@@ -330,6 +330,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="'latest' or a checkpoint folder")
     p.add_argument("--report-to", "--report_to", dest="report_to", default="tensorboard",
                    choices=("tensorboard", "wandb", "none"))
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' logs and warnings on the terminal (default: OUTPUT_DIR/console.log)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_args(argv)
@@ -552,22 +554,96 @@ def train(config: Config, args: argparse.Namespace) -> dict:
     return {"step": state["step"], "first_loss": first_loss, "last_loss": last_loss}
 
 
+# --- entry point: inputs checked before DeepSpeed starts, one line for an expected failure -----------------
+
+PROG = "repa-fast-train"
+
+
+def check_resume(resume: str, ckpt_dir: Path) -> None:
+    """``--resume`` must name a DeepSpeed checkpoint (see ``resolve_resume``)."""
+    from repa_fast.errors import MissingFileError
+
+    try:
+        load_dir, tag = resolve_resume(resume, ckpt_dir)
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{err}; start without --resume, or give a checkpoints/step_* folder") from None
+    folder = load_dir / tag
+    if not any(folder.glob("*model_states.pt")):
+        raise MissingFileError(f"--resume {resume!r}: {folder} holds no DeepSpeed checkpoint (no *model_states.pt); "
+                               f"give a checkpoints/step_* folder, or the run folder's checkpoints/ with 'latest'")
+
+
+def check_deepspeed_config(ds_config: dict, where: str) -> None:
+    """DeepSpeed's own validation of the filled-in config, run here so that its complaint is one line."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # one process validates: the batch of all ranks was checked against the YAML by build_ds_config
+    probe = dict(ds_config, train_batch_size=ds_config["train_micro_batch_size_per_gpu"])
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as err:  # pydantic's ValidationError, DeepSpeed's asserts: all about the JSON's values
+        if callable(getattr(err, "errors", None)):  # pydantic: "<section model>: <field>: <problem> (got <value>)"
+            detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+                               for e in err.errors())
+            detail = f"{getattr(err, 'title', '')}: {detail}"
+        else:
+            detail = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(f"{where}: DeepSpeed rejects it: {detail}") from None
+
+
+def check_inputs(config: Config, args: argparse.Namespace) -> None:
+    """What a run reads, checked on every rank before DeepSpeed starts, cheap checks first: the ds_config,
+    the CSV and the caches' ``__meta__`` (not every record: ``repa-fast-check-cache`` scans those), the batch
+    against the samples, the CLIP table, the checkpoint to resume. A problem is a ``RunError`` naming it."""
+    from repa_fast.data.cache import load_clip_table
+    from repa_fast.data.dataset import build_dataset
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    check_switches(config)
+    ds_name = args.ds_config or config.ds_config
+    ds_config = build_ds_config(config, ds_name, world)
+    dataset = build_dataset(config)
+    per_rank = -(-len(dataset) // world)
+    if config.batch_size > per_rank:
+        raise ConfigError(f"config key 'batch_size': {config.batch_size} is more than the {per_rank} sample(s) "
+                          f"each of {world} rank(s) gets from {config.csv_path} ({len(dataset)} samples); "
+                          f"lower batch_size")
+    if config.eval_csv_path:
+        build_dataset(config, csv_path=config.eval_csv_path)
+    num_rows = dataset.null_class + 1
+    load_clip_table(config.clip_embeddings_path, num_rows=num_rows, mmap=True)
+    if args.resume:
+        check_resume(args.resume, Path(config.output_dir) / "checkpoints")
+    check_deepspeed_config(ds_config, str(resolve_ds_config_path(ds_name)))
+    from repa_fast.models.unet import unet_config
+
+    dim = unet_config(config.model)["cross_attention_dim"]
+    load_clip_table(config.clip_embeddings_path, num_rows=num_rows, dim=dim, mmap=True)
+
+
+def load_run_config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config, args.overrides)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    return config
+
+
 def main(argv: list[str] | None = None) -> None:
+    from repa_fast.console import Console
+    from repa_fast.errors import run_main
+
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = run_main(PROG, load_run_config, args)
+    console = Console(Path(config.output_dir) / "console.log", verbose=args.verbose)
     try:
-        config = load_config(args.config, args.overrides)
-        if args.output_dir:
-            config.output_dir = args.output_dir
-    except ConfigError as err:
-        sys.exit(f"repa-fast-train: {err}")
-    try:
-        result = train(config, args)
-    except (ConfigError, FileNotFoundError, FloatingPointError) as err:
-        sys.exit(f"repa-fast-train: {err}")
-    if int(os.environ.get("RANK", 0)) == 0 and result["last_loss"] is not None:
-        print(f"done: {result['step']} steps, loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
-              f"output in {config.output_dir}")
+        run_main(PROG, check_inputs, config, args)
+        console.capture_libraries()
+        result = run_main(PROG, train, config, args)
+        if int(os.environ.get("RANK", 0)) == 0 and result["last_loss"] is not None:
+            console.print(f"done: {result['step']} steps, loss {result['first_loss']:.4f} -> "
+                          f"{result['last_loss']:.4f}, output in {config.output_dir}")
+    finally:
+        console.close()
 
 
 if __name__ == "__main__":

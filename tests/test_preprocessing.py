@@ -305,7 +305,14 @@ def test_clip_table(data, built, tmp_path, capsys):
     clip_tool.main(argv[:-1] + ["photo {name}", "--overwrite"])
     assert out.read_bytes() != before
     with pytest.raises(ValueError, match="--template"):
+        clip_tool.prepare_clip_embeddings(clip_tool.build_parser().parse_args(
+            argv[:-2] + ["--template", "no placeholder", "--overwrite"]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # the console script: one line, no traceback
         clip_tool.main(argv[:-2] + ["--template", "no placeholder", "--overwrite"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.startswith("repa-fast-prepare-clip: --template 'no placeholder'")
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_torch_loader_reads_the_caches(built):
@@ -469,3 +476,57 @@ def test_dino_with_registers_drops_cls_and_registers(data, built, tmp_path):
     assert hidden.shape[0] == 1 + 4 + 256
     got = CacheReader(tmp_path / "out", shape=TOKEN_SHAPE).get(dino_key(_rows(csv_path)[0]["id"], "mid"))
     torch.testing.assert_close(got.float(), hidden[5:], atol=2e-3, rtol=2e-3)
+
+
+def _poisoned(load, part, value: float):
+    """``load`` (load_vae / load_dino) whose model gives ``value`` for every image of one flat colour: the
+    output of ``part(model)`` is overwritten for those images, as an fp16 overflow or a NaN would."""
+    def loader(*args, **kwargs):
+        model, source = load(*args, **kwargs)
+
+        def hook(module, args, kwargs, output):
+            pixels = (args[0] if args else kwargs["pixel_values"]).flatten(2)
+            flat = (pixels.amax(2) == pixels.amin(2)).all(1)
+            output[flat] = value
+            return output
+
+        part(model).register_forward_hook(hook, with_kwargs=True)
+        return model, source
+    return loader
+
+
+@pytest.mark.parametrize("tool", ["vae", "dino"])
+def test_non_finite_record_is_never_written(tool, data, built, tmp_path, monkeypatch, capsys):
+    # The VAE's encoder output is made huge (fp16 overflow after scaling), DINO's embeddings NaN.
+    if tool == "vae":
+        monkeypatch.setattr(vae_tool, "load_vae", _poisoned(vae_tool.load_vae, lambda m: m.encoder, 1e9))
+    else:
+        monkeypatch.setattr(dino_tool, "load_dino", _poisoned(dino_tool.load_dino, lambda m: m.embeddings,
+                                                              float("nan")))
+    flat = tmp_path / f"{CLASS_B}_flat.png"
+    _save(np.full((64, 64, 3), 200, dtype=np.uint8), flat)
+    good = _rows(built["csv"])[:2]
+    csv_path = _write_csv(tmp_path / "with_flat.csv", [good[0], {**good[0], "id": flat.stem, "img_path": str(flat)},
+                                                       good[1]])
+    stats = TOOLS[tool](csv_path, tmp_path / "skip", data=data, batch=3)
+    assert (stats["encoded"], stats["non_finite"], stats["unreadable"]) == (2, [str(flat)], [])
+    captured = capsys.readouterr()
+    assert f"non-finite record for image {flat}" in captured.err and "non-finite 1 (of 3 rows)" in captured.out
+    records = _records(tmp_path / "skip")
+    assert not any(key.startswith(flat.stem) for key in records)  # the good ones are written, finite
+    assert len(records) == 2 * (len(LAYERS) if tool == "dino" else 1)
+    for value in records.values():
+        assert np.isfinite(np.frombuffer(value, dtype="<f2")).all()
+    # --strict stops at it with one line naming the image (no traceback), through the tool's main()
+    main = vae_tool.main if tool == "vae" else dino_tool.main
+    argv = ["--csv-path", str(csv_path), "--output-dir", str(tmp_path / "strict"), "--batch-size", "3",
+            "--num-workers", "0", "--device", "cpu", "--strict"]
+    argv += ["--vae", str(data["sd"]), "--size", str(VAE_SIZE)] if tool == "vae" else \
+        ["--dino", str(data["dino"]), "--layers", ",".join(LAYERS)]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "Traceback" not in err
+    line = [ln for ln in err.splitlines() if "non-finite record" in ln]
+    assert len(line) == 1 and line[0].startswith(f"repa-fast-encode-{tool}" if tool == "vae" else
+                                                 "repa-fast-build-dino") and str(flat) in line[0]

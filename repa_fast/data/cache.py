@@ -23,6 +23,8 @@ import lmdb
 import numpy as np
 import torch
 
+from repa_fast.errors import RunError
+
 META_KEY = b"__meta__"
 FORMAT = "repa-fast-cache"
 VERSION = 1
@@ -30,7 +32,7 @@ VERSION = 1
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-class CacheError(RuntimeError):
+class CacheError(RunError, RuntimeError):
     """A cache file, key or record is missing or does not match its ``__meta__``."""
 
 
@@ -160,8 +162,11 @@ class CacheReader:
         self.path = Path(path)
         if not self.path.exists():
             raise CacheError(f"cache {str(self.path)!r} does not exist")
-        with self.env.begin() as txn:
-            raw = txn.get(META_KEY)
+        try:
+            with self.env.begin() as txn:
+                raw = txn.get(META_KEY)
+        except lmdb.Error as err:
+            raise CacheError(f"{self.path}: not an LMDB cache ({type(err).__name__}: {err})") from None
         if raw is None:
             raise CacheError(f"{self.path}: no '__meta__' record (not a repa-fast cache, or an unfinished write)")
         try:
@@ -230,27 +235,44 @@ class CacheReader:
         _close_read_env(self.path)
 
 
-def load_clip_table(path: str | os.PathLike, num_rows: int | None = None, dim: int | None = None) -> torch.Tensor:
-    """The CLIP table [num_classes + 1, 77, dim] from .pt or .safetensors; the last row is the null class."""
+def load_clip_table(path: str | os.PathLike, num_rows: int | None = None, dim: int | None = None,
+                    mmap: bool = False) -> torch.Tensor:
+    """The CLIP table [num_classes + 1, 77, dim] from .pt or .safetensors; the last row is the null class.
+
+    ``mmap``: map a .pt file instead of reading it (a check of the shape reads almost nothing).
+    """
     path = Path(path)
     if not path.is_file():
-        raise CacheError(f"CLIP table {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise CacheError(f"CLIP table {str(path)!r} does not exist (config key 'clip_embeddings_path')")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+            tensors = load_file(str(path))
+        else:
+            try:
+                table = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:  # mmap needs the zip format of torch >= 1.6; read older files whole
+                if not mmap:
+                    raise
+                table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a file that torch or safetensors cannot parse
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise CacheError(f"{path}: cannot read the CLIP table ({type(err).__name__}: {first}); "
+                         f"rebuild it with repa-fast-prepare-clip") from None
+    if path.suffix == ".safetensors":
         if len(tensors) != 1:
             raise CacheError(f"{path}: expected one tensor, found keys {sorted(tensors)}")
         table = next(iter(tensors.values()))
-    else:
-        table = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(table, torch.Tensor) or table.ndim != 3:
         raise CacheError(f"{path}: expected a tensor [classes+1, 77, dim], got "
                          f"{list(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}")
     if num_rows is not None and table.shape[0] != num_rows:
-        raise CacheError(f"{path}: table has {table.shape[0]} rows, expected {num_rows}")
+        raise CacheError(f"{path}: table has {table.shape[0]} rows, expected {num_rows} "
+                         f"({num_rows - 1} classes and the null class last)")
     if dim is not None and table.shape[-1] != dim:
-        raise CacheError(f"{path}: embedding dim is {table.shape[-1]}, the U-Net expects {dim}")
+        raise CacheError(f"{path}: embedding dim is {table.shape[-1]}, the U-Net expects {dim} "
+                         f"(its cross_attention_dim; config key 'model')")
     return table
 
 

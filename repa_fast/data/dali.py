@@ -43,7 +43,13 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
 from repa_fast.data.cache import CacheError, CacheReader, dino_key
-from repa_fast.data.dataset import EpochSampler, SD15AlignedDataset, apply_cfg_dropout, rank_indices
+from repa_fast.data.dataset import (
+    EpochSampler,
+    SD15AlignedDataset,
+    apply_cfg_dropout,
+    rank_indices,
+    sample_rows,
+)
 from repa_fast.data.loader import batch_to
 
 # Shared-memory chunk room beyond the data: DALI pickles ~32 B of metadata per array of a batch (one per
@@ -67,8 +73,11 @@ class LMDBBatchSource:
     def __init__(self, ids: list[str], class_ids: np.ndarray, latents: CacheReader, dino: CacheReader,
                  align_layers: list[str], seed: int, cfg_dropout: float, null_class: int, batch_size: int,
                  rank: int = 0, world: int = 1, epoch: int = 0, start: int = 0, shuffle: bool = True,
-                 drop_last: bool = False):
+                 drop_last: bool = False, keep: np.ndarray | None = None):
         self.ids, self.class_ids = ids, np.asarray(class_ids, dtype=np.int64)
+        # excluded CSV rows (the dataset's keep mask): the CFG hash and the permutation go by CSV row
+        self.keep = keep
+        self.rows = sample_rows(len(ids), keep)
         # CacheReaders open their LMDB lazily in the process that reads (a DALI worker) and reopen after a
         # fork; DaliLoader closes them in the parent before the workers start.
         self.latents, self.dino, self.align_layers = latents, dino, list(align_layers)
@@ -83,7 +92,7 @@ class LMDBBatchSource:
     @classmethod
     def from_dataset(cls, dataset: SD15AlignedDataset, batch_size: int, **kwargs) -> LMDBBatchSource:
         return cls(dataset.ids, dataset.class_ids, dataset.latents, dataset.dino, dataset.align_layers,
-                   dataset.seed, dataset.cfg_dropout, dataset.null_class, batch_size, **kwargs)
+                   dataset.seed, dataset.cfg_dropout, dataset.null_class, batch_size, keep=dataset.keep, **kwargs)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -100,7 +109,7 @@ class LMDBBatchSource:
     def epoch_indices(self, epoch_idx: int) -> np.ndarray:
         if self._indices is None or self._indices[0] != epoch_idx:
             indices = rank_indices(len(self.ids), self.seed, self.epoch + epoch_idx, self.rank, self.world,
-                                   self.shuffle)
+                                   self.shuffle, self.keep)
             self._indices = (epoch_idx, indices[self.start if epoch_idx == 0 else 0:])
         return self._indices[1]
 
@@ -131,7 +140,7 @@ class LMDBBatchSource:
         latent = [self.latents.view(latent_txn, sample_id) for sample_id in ids]
         tokens = [[self.dino.view(dino_txn, dino_key(sample_id, layer)) for sample_id in ids]
                   for layer in self.align_layers]
-        class_id = apply_cfg_dropout(self.class_ids[batch], self.seed, self.epoch + epoch_idx, batch,
+        class_id = apply_cfg_dropout(self.class_ids[batch], self.seed, self.epoch + epoch_idx, self.rows[batch],
                                      self.cfg_dropout, self.null_class)
         return (np.ascontiguousarray(batch, dtype=np.int64), latent, *tokens, class_id.astype(np.int64))
 

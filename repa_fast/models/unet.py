@@ -17,6 +17,7 @@ hooked features for ``get_aligned_tokens()`` (its unit test 7.3), which ``clear_
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from repa_fast.errors import MissingFileError
 from repa_fast.models.align_head import AlignHead
 from repa_fast.models.hooks import HookManager
 
@@ -64,6 +66,26 @@ TINY_UNET = dict(SD15_UNET, sample_size=16, block_out_channels=(32, 64, 128, 128
                  cross_attention_dim=32)
 
 
+def _unet_folder(model: str) -> tuple[Path, str | None]:
+    """(folder, subfolder) of the local diffusers U-Net that option 'model' names."""
+    path = Path(model)
+    if not path.is_dir():
+        raise MissingFileError(f"config key 'model': {model!r} is neither 'sd15', 'tiny' nor a local folder")
+    sub = "unet" if (path / "unet" / "config.json").is_file() else None
+    if sub is None and not (path / "config.json").is_file():
+        raise MissingFileError(f"config key 'model': {model!r} holds no diffusers U-Net (no config.json or unet/)")
+    return path, sub
+
+
+def unet_config(model: str) -> dict:
+    """The U-Net's config (``cross_attention_dim``, ...) without building it: a preset or the folder's JSON."""
+    presets = {"sd15": SD15_UNET, "tiny": TINY_UNET}
+    if model in presets:
+        return dict(presets[model])
+    path, sub = _unet_folder(model)
+    return json.loads((path / (sub or "") / "config.json").read_text(encoding="utf-8"))
+
+
 def build_unet(model: str = "sd15", dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """``sd15`` (SD-1.5 config, random init), ``tiny``, or a local diffusers folder (no download)."""
     if model == "sd15":
@@ -71,12 +93,7 @@ def build_unet(model: str = "sd15", dtype: torch.dtype = torch.float32) -> UNet2
     elif model == "tiny":
         unet = UNet2DConditionModel(**TINY_UNET)
     else:
-        path = Path(model)
-        if not path.is_dir():
-            raise FileNotFoundError(f"option 'model': {model!r} is neither 'sd15', 'tiny' nor a local folder")
-        sub = "unet" if (path / "unet" / "config.json").is_file() else None
-        if sub is None and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"option 'model': {model!r} holds no diffusers U-Net (no config.json or unet/)")
+        path, sub = _unet_folder(model)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder=sub, local_files_only=True, torch_dtype=dtype)
     return unet if unet.dtype == dtype else unet.to(dtype)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from repa_fast.data.cache import dino_key
+from repa_fast.errors import InputError, MissingFileError, run_main
 from repa_fast.preprocessing.image_cache import (
     DTYPES,
     add_image_arguments,
@@ -53,12 +54,12 @@ def _config(spec: str):
         path = Path(spec)
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
-            raise FileNotFoundError(f"--dino-config {spec!r}: not a preset ({sorted(CONFIG_PRESETS)}) "
-                                    f"nor a config.json")
+            raise MissingFileError(f"--dino-config {spec!r}: not a preset ({sorted(CONFIG_PRESETS)}) "
+                                   f"nor a config.json")
         values = json.loads(path.read_text(encoding="utf-8"))
     model_type = values.pop("model_type", "dinov2")
     if model_type not in ("dinov2", "dinov2_with_registers"):
-        raise ValueError(f"--dino-config {spec!r}: model_type {model_type!r} is not a DINOv2")
+        raise InputError(f"--dino-config {spec!r}: model_type {model_type!r} is not a DINOv2")
     return AutoConfig.for_model(model_type, **values)
 
 
@@ -98,7 +99,7 @@ def convert_original_state_dict(state: dict, model_keys) -> dict:
         elif module in block_renames:
             out[f"{block}.{block_renames[module]}.{param}"] = value
         elif module == "mlp.w12":
-            raise ValueError("SwiGLU (ViT-g) checkpoints are not supported here: convert it to a transformers folder")
+            raise InputError("SwiGLU (ViT-g) checkpoints are not supported here: convert it to a transformers folder")
         else:
             out[key] = value
     return out
@@ -111,10 +112,10 @@ def load_dino(spec: str, config_spec: str, device: torch.device, dtype: torch.dt
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--dino {spec!r}: the folder has no config.json")
+            raise MissingFileError(f"--dino {spec!r}: the folder has no config.json")
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
         if model.config.model_type not in ("dinov2", "dinov2_with_registers"):
-            raise ValueError(f"--dino {spec!r}: model_type {model.config.model_type!r} is not a DINOv2")
+            raise InputError(f"--dino {spec!r}: model_type {model.config.model_type!r} is not a DINOv2")
         source = str(path.resolve())
     elif path.is_file():
         config = _config(config_spec)
@@ -133,28 +134,28 @@ def load_dino(spec: str, config_spec: str, device: torch.device, dtype: torch.dt
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatches
-            raise ValueError(f"--dino {spec!r} does not fit --dino-config {config_spec!r}: {err}") from None
+            raise InputError(f"--dino {spec!r} does not fit --dino-config {config_spec!r}: {err}") from None
         missing = [k for k in missing if k != "embeddings.mask_token"]  # used only for masked training
         if missing or unexpected:
-            raise ValueError(f"--dino {spec!r} does not fit --dino-config {config_spec!r}: missing {missing[:5]}, "
+            raise InputError(f"--dino {spec!r} does not fit --dino-config {config_spec!r}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         source = f"{path.resolve()} ({config_spec})"
     else:
-        raise FileNotFoundError(f"--dino {spec!r} does not exist")
+        raise MissingFileError(f"--dino {spec!r} does not exist")
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), source
 
 
 def token_shape(model, size: int) -> tuple[int, int]:
     patch = model.config.patch_size
     if size % patch:
-        raise ValueError(f"--size {size} is not a multiple of the patch size {patch}")
+        raise InputError(f"--size {size} is not a multiple of the patch size {patch}")
     return (size // patch) ** 2, model.config.hidden_size
 
 
 def build_dino_cache(args: argparse.Namespace) -> dict:
     layers = [name for name in args.layers.split(",") if name]
     if not layers:
-        raise ValueError("--layers is empty")
+        raise InputError("--layers is empty")
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     model, source = load_dino(args.dino, args.dino_config, device, dtype)
     shape = token_shape(model, args.size)
@@ -171,7 +172,7 @@ def build_dino_cache(args: argparse.Namespace) -> dict:
         x = ((pixels.to(device, non_blocking=True).float() / 255.0 - mean) / std).to(dtype)
         tokens = model(pixel_values=x).last_hidden_state[:, skip:]
         if tuple(tokens.shape[1:]) != shape:
-            raise RuntimeError(f"--dino {args.dino!r} gave tokens {list(tokens.shape[1:])}, expected {list(shape)}")
+            raise InputError(f"--dino {args.dino!r} gave tokens {list(tokens.shape[1:])}, expected {list(shape)}")
         return tokens
 
     with open_writer(args.output_dir, shape, "dino", len(rows) * len(layers), layers=layers, meta=meta,
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    build_dino_cache(build_parser().parse_args(argv))
+    run_main("repa-fast-build-dino", build_dino_cache, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

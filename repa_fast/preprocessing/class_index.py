@@ -13,30 +13,32 @@ import json
 import os
 from pathlib import Path
 
+from repa_fast.errors import InputError, MissingFileError
+
 
 def load_class_index(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``(synset, name)`` per class id, from a class-index JSON file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class-index file {str(path)!r} does not exist")
+        raise MissingFileError(f"class-index file {str(path)!r} does not exist")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a JSON file ({err})") from None
+        raise InputError(f"{path}: not a JSON file ({err})") from None
     if isinstance(data, dict):
         try:
             ids = sorted(int(k) for k in data)
         except ValueError:
-            raise ValueError(f"{path}: keys must be class ids 0..K-1, got {sorted(data)[:5]}") from None
+            raise InputError(f"{path}: keys must be class ids 0..K-1, got {sorted(data)[:5]}") from None
         if ids != list(range(len(ids))):
-            raise ValueError(f"{path}: class ids must be 0..{len(ids) - 1} without gaps")
+            raise InputError(f"{path}: class ids must be 0..{len(ids) - 1} without gaps")
         entries = [data[str(i)] for i in ids]
     elif isinstance(data, list):
         entries = data
     else:
-        raise ValueError(f"{path}: expected a JSON object or list, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a JSON object or list, got {type(data).__name__}")
     if not entries:
-        raise ValueError(f"{path}: no classes")
+        raise InputError(f"{path}: no classes")
     classes = []
     for class_id, entry in enumerate(entries):
         if isinstance(entry, str):
@@ -44,5 +46,5 @@ def load_class_index(path: str | os.PathLike) -> list[tuple[str, str]]:
         elif isinstance(entry, list | tuple) and len(entry) == 2 and all(isinstance(v, str) for v in entry):
             classes.append((entry[0], entry[1]))
         else:
-            raise ValueError(f"{path}: class {class_id} is {entry!r}; expected a string or [synset, name]")
+            raise InputError(f"{path}: class {class_id} is {entry!r}; expected a string or [synset, name]")
     return classes

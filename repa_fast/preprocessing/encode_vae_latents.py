@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from repa_fast.errors import InputError, MissingFileError, run_main
 from repa_fast.preprocessing.image_cache import (
     DTYPES,
     add_image_arguments,
@@ -40,8 +41,8 @@ def load_vae(path, device: torch.device, dtype: torch.dtype):
     elif (root / "vae" / "config.json").is_file():
         folder, subfolder = root / "vae", "vae"
     else:
-        raise FileNotFoundError(f"--vae {str(root)!r}: expected a diffusers AutoencoderKL folder (config.json) "
-                                f"or a pipeline folder with vae/config.json")
+        raise MissingFileError(f"--vae {str(root)!r}: expected a diffusers AutoencoderKL folder (config.json) "
+                               f"or a pipeline folder with vae/config.json")
     vae = AutoencoderKL.from_pretrained(str(root), subfolder=subfolder, local_files_only=True, torch_dtype=dtype)
     return vae.to(device).eval().requires_grad_(False), str(folder.resolve())
 
@@ -49,7 +50,7 @@ def load_vae(path, device: torch.device, dtype: torch.dtype):
 def latent_shape(vae, size: int) -> tuple[int, int, int]:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if size % factor:
-        raise ValueError(f"--size {size} is not a multiple of the VAE's downscale factor {factor}")
+        raise InputError(f"--size {size} is not a multiple of the VAE's downscale factor {factor}")
     return vae.config.latent_channels, size // factor, size // factor
 
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    encode_vae_latents(build_parser().parse_args(argv))
+    run_main("repa-fast-encode-vae", encode_vae_latents, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
   ``size x size`` (RGB, uint8). The VAE and DINO see the same square at their own sizes, so DINO token
   (i, j) and latent patch (i, j) cover the same pixels.
 - An unreadable image is reported by its path and skipped (counted at the end), or fatal with ``--strict``.
+- A record that is not finite (NaN or inf, e.g. a VAE overflowing fp16: ``--dtype float32`` avoids it) is
+  never written: checked after the cast to the cache's fp16, reported by its image path, counted at the
+  end, skipped (encoded again by the next run, as it is not in the cache) or fatal with ``--strict``.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from tqdm import tqdm
 
 from repa_fast.data.cache import CacheError, CacheWriter
 from repa_fast.data.dataset import read_csv_rows
+from repa_fast.errors import InputError, NonFiniteError, RunError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class UnreadableImageError(RuntimeError):
+class UnreadableImageError(RunError, RuntimeError):
     """An image of the CSV cannot be decoded (``--strict``)."""
 
 
@@ -45,7 +49,7 @@ def read_image_rows(csv_path: str | os.PathLike, image_root: str | os.PathLike |
     for line, row in read_csv_rows(csv_path, ("id", "img_path")):
         sample_id = row["id"]
         if sample_id in seen:
-            raise ValueError(f"{csv_path}:{line}: id {sample_id!r} repeats line {seen[sample_id]}")
+            raise InputError(f"{csv_path}:{line}: id {sample_id!r} repeats line {seen[sample_id]}")
         seen[sample_id] = line
         rows.append((sample_id, str(root / row["img_path"])))  # an absolute img_path ignores root
     return rows
@@ -146,7 +150,7 @@ def encode_rows(rows: Sequence[tuple[str, str]], writer: CacheWriter, keys_of: C
     todo = [row for row in rows if not all(writer.has(key) for key in keys_of(row[0]))]
     loader = DataLoader(ImageRows(todo, size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=pin_memory)
-    encoded, unreadable = 0, []
+    encoded, unreadable, non_finite = 0, [], []
     with tqdm(total=len(todo), desc=desc, unit="img") as bar:
         for indices, pixels, failed in loader:
             for i, error in failed:
@@ -160,15 +164,29 @@ def encode_rows(rows: Sequence[tuple[str, str]], writer: CacheWriter, keys_of: C
                 ids = [todo[i][0] for i in indices]
                 with torch.inference_mode():
                     records = encode(pixels, ids).to(torch.float16).cpu()
-                for sample_id, record in zip(ids, records, strict=True):
+                bad = (~torch.isfinite(records)).flatten(1).sum(1).tolist()  # after the cast: fp16 overflow too
+                for i, sample_id, record, nbad in zip(indices, ids, records, bad, strict=True):
+                    if nbad:
+                        path = todo[i][1]
+                        message = (f"non-finite record for image {path} (id {sample_id!r}): {nbad} of "
+                                   f"{record.numel()} values are NaN or inf in fp16")
+                        if strict:
+                            raise NonFiniteError(f"{message}; not written (--dtype float32 may avoid it)")
+                        tqdm.write(f"skipped {message}", file=sys.stderr)
+                        non_finite.append(path)
+                        continue
                     for key in keys_of(sample_id):
                         writer.put(key, record)
-                encoded += len(ids)
+                    encoded += 1
             bar.update(len(indices) + len(failed))
-    stats = {"rows": len(rows), "encoded": encoded, "already_done": len(rows) - len(todo), "unreadable": unreadable}
-    print(f"{desc}: encoded {encoded}, already done {stats['already_done']}, unreadable {len(unreadable)} "
-          f"(of {len(rows)} rows) -> {writer.path}")
+    stats = {"rows": len(rows), "encoded": encoded, "already_done": len(rows) - len(todo), "unreadable": unreadable,
+             "non_finite": non_finite}
+    print(f"{desc}: encoded {encoded}, already done {stats['already_done']}, unreadable {len(unreadable)}, "
+          f"non-finite {len(non_finite)} (of {len(rows)} rows) -> {writer.path}")
     if unreadable:
         print(f"{desc}: the {len(unreadable)} unreadable image(s) have no record; drop their rows from the CSV "
               f"or replace the files and run again", file=sys.stderr)
+    if non_finite:
+        print(f"{desc}: the {len(non_finite)} image(s) with a non-finite record have no record; run again with "
+              f"--dtype float32, or drop their rows from the CSV", file=sys.stderr)
     return stats

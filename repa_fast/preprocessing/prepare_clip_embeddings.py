@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from repa_fast.data.cache import load_clip_table
+from repa_fast.errors import InputError, MissingFileError, run_main
 from repa_fast.preprocessing.class_index import load_class_index
 from repa_fast.preprocessing.image_cache import DTYPES, resolve_device
 
@@ -35,12 +36,12 @@ def load_text_encoder(path, device: torch.device, dtype: torch.dtype):
 
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"--clip {str(root)!r} is not a folder")
+        raise MissingFileError(f"--clip {str(root)!r} is not a folder")
     model_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
     tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--clip {str(root)!r}: no config.json in {str(model_dir)!r} (expected a "
-                                f"CLIPTextModel folder or an SD folder with text_encoder/)")
+        raise MissingFileError(f"--clip {str(root)!r}: no config.json in {str(model_dir)!r} (expected a "
+                               f"CLIPTextModel folder or an SD folder with text_encoder/)")
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True)
     return tokenizer, model.to(device=device, dtype=dtype).eval().requires_grad_(False), str(root.resolve())
@@ -49,7 +50,7 @@ def load_text_encoder(path, device: torch.device, dtype: torch.dtype):
 def class_prompts(class_names: list[str], template: str) -> list[str]:
     """One prompt per class, then the empty prompt (the null class)."""
     if "{name}" not in template:
-        raise ValueError(f"--template {template!r} has no '{{name}}' placeholder")
+        raise InputError(f"--template {template!r} has no '{{name}}' placeholder")
     return [template.replace("{name}", name.replace("_", " ")) for name in class_names] + [""]
 
 
@@ -87,7 +88,7 @@ def prepare_clip_embeddings(args: argparse.Namespace) -> torch.Tensor:
     prompts = class_prompts(names, args.template)
     out = Path(args.output_path)
     if out.suffix not in (".pt", ".pth", ".safetensors"):
-        raise ValueError(f"--output-path {str(out)!r}: use a .pt or .safetensors file")
+        raise InputError(f"--output-path {str(out)!r}: use a .pt or .safetensors file")
     if out.exists() and not args.overwrite:
         table = load_clip_table(out, num_rows=len(prompts))
         print(f"prepare_clip_embeddings: {out} exists ({list(table.shape)}), kept (--overwrite rebuilds it)")
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    prepare_clip_embeddings(build_parser().parse_args(argv))
+    run_main("repa-fast-prepare-clip", prepare_clip_embeddings, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

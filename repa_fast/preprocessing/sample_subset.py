@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from repa_fast.errors import InputError, MissingFileError, run_main
 from repa_fast.preprocessing.class_index import load_class_index
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -40,25 +41,25 @@ def sample_subset(imagenet_dir, output_csv, samples_per_class: int | None, class
     """Write the subset CSV; returns the number of rows."""
     root = Path(imagenet_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+        raise MissingFileError(f"image folder {str(root)!r} does not exist")
     folders = sorted(d.name for d in root.iterdir() if d.is_dir())
     folder_set = set(folders)
     if class_index is not None:
         synsets = [synset for synset, _ in load_class_index(class_index)]
         if len(set(synsets)) != len(synsets):
             dup = next(s for i, s in enumerate(synsets) if s in synsets[:i])
-            raise ValueError(f"{class_index}: synset {dup!r} appears more than once")
+            raise InputError(f"{class_index}: synset {dup!r} appears more than once")
         missing = [s for s in synsets if s not in folder_set]
         if missing:
-            raise FileNotFoundError(f"{root}: no folder for {len(missing)} synset(s) of {class_index}, "
-                                    f"e.g. {str(root / missing[0])!r}")
+            raise MissingFileError(f"{root}: no folder for {len(missing)} synset(s) of {class_index}, "
+                                   f"e.g. {str(root / missing[0])!r}")
         ignored = len(folder_set - set(synsets))
         if ignored:
             print(f"note: {ignored} folder(s) of {root} are not in {class_index} and are ignored", file=sys.stderr)
     else:
         synsets = folders
     if not synsets:
-        raise FileNotFoundError(f"{root}: no class folders")
+        raise MissingFileError(f"{root}: no class folders")
 
     rows, owner, short = [], {}, []
     for class_id, synset in enumerate(tqdm(synsets, desc="sample_subset", unit="class")):
@@ -70,7 +71,7 @@ def sample_subset(imagenet_dir, output_csv, samples_per_class: int | None, class
         for path in chosen:
             sample_id = path.stem
             if sample_id in owner:
-                raise ValueError(f"sample id {sample_id!r} is the stem of both {str(owner[sample_id])!r} and "
+                raise InputError(f"sample id {sample_id!r} is the stem of both {str(owner[sample_id])!r} and "
                                  f"{str(path)!r}: ids must be unique")
             owner[sample_id] = path
             img_path = path.relative_to(root) if relative else path.resolve()
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     if a.samples_per_class is not None and a.samples_per_class <= 0:
         raise SystemExit(f"--samples-per-class must be positive, got {a.samples_per_class}")
-    sample_subset(a.imagenet_dir, a.output_csv, a.samples_per_class, a.class_index, a.seed, a.relative)
+    run_main("repa-fast-sample-subset", sample_subset, a.imagenet_dir, a.output_csv, a.samples_per_class,
+             a.class_index, a.seed, a.relative)
 
 
 if __name__ == "__main__":
