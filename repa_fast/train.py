@@ -419,13 +419,8 @@ def setup(config: Config, args: argparse.Namespace, compile_backend: str = "indu
     checks = SelfChecks(config, out if rank == 0 else None)
     checks.kernels(model, device, dtype)  # may turn kernels=auto to torch, with a warning
     checks.loader(dataset, rank, world, device, dtype)  # may turn loader=auto to torch
-    for layer in model.untrained_align_layers():
-        warnings.warn(f"align layer {layer!r}: no trainable U-Net parameter runs before its hook "
-                      f"(lora_targets={config.lora_targets!r}, detach_features={config.detach_features}): "
-                      f"its alignment loss trains only its head", UserWarning, stacklevel=1)
-    if config.align_coeff == 0:
-        warnings.warn("align_coeff is 0: the alignment loss trains nothing (plain LoRA fine-tuning)", UserWarning,
-                      stacklevel=1)
+    for message in training_warnings(config, model):
+        warnings.warn(message, UserWarning, stacklevel=1)
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
@@ -447,6 +442,18 @@ def setup(config: Config, args: argparse.Namespace, compile_backend: str = "indu
         checks.compile(run, lambda engine: compile_engine(engine, compile_backend))
     checks.write()
     return run
+
+
+def training_warnings(config: Config, model) -> list[str]:
+    """Settings that silently train nothing, said once at start-up."""
+    messages = [f"align layer {layer!r}: no trainable U-Net parameter runs before its hook "
+                f"(lora_targets={config.lora_targets!r}, detach_features={config.detach_features}): its alignment "
+                f"loss trains only its head" for layer in model.untrained_align_layers()]
+    if config.detach_features:
+        messages.append("detach_features is true (an ablation): the alignment loss does not reach the U-Net")
+    if config.align_coeff == 0:
+        messages.append("align_coeff is 0: the alignment loss trains nothing (plain LoRA fine-tuning)")
+    return messages
 
 
 def compile_engine(engine, backend: str = "inductor") -> None:

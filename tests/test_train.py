@@ -297,3 +297,20 @@ def test_steps_copy_nothing_to_the_host_but_once_per_log_interval(tmp_path, data
     # 12 steps, read every 4: three copies, all of them the log interval's one read
     assert counts == {"tolist in train.py:flush": 3}, counts
     assert [row["step"] for row in read_log(tmp_path)] == list(range(1, 13))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], []),
+    (["align_layers=enc_last,mid", "lora_targets=attention-only"], ["align layer 'enc_last': no trainable U-Net"]),
+    (["detach_features=true"], ["align layer 'mid'", "detach_features is true"]),
+    (["align_coeff=0"], ["align_coeff is 0"]),
+])
+def test_settings_that_train_nothing_are_warned_about(overrides, expected):
+    from repa_fast.models import build_aligned_unet
+    from repa_fast.train import training_warnings
+
+    config = load_config(TINY, overrides)
+    messages = training_warnings(config, build_aligned_unet(config))
+    assert len(messages) == len(expected)
+    for message, start in zip(messages, expected, strict=True):
+        assert message.startswith(start), message
