@@ -408,7 +408,7 @@ def setup(config: Config, args: argparse.Namespace, compile_backend: str = "indu
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        logger.info("config: %s", json.dumps(config.to_dict()))
+        logger.info("config and ds_config written to %s", out)
     dtype = DTYPES[config.mixed_precision]
 
     torch.manual_seed(config.seed)
