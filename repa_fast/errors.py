@@ -2,9 +2,9 @@
 
 A ``RunError`` is a problem with what the user gave: a config key, a ds_config, a cache, a CSV row, the CLIP
 table, a checkpoint, an image. Its message names the file, key or record and what to do. The entry points
-(``repa-fast-train``, ``repa-fast-evaluate``, the preprocessing tools, ``repa-fast-check-cache``) run through
-``run_main``, which prints that message as one line on stderr and exits with status 1. Any other exception
-is a bug and keeps its traceback.
+(``repa-fast-train``, ``repa-fast-evaluate``, ``repa-fast-sample``, ``repa-fast-fid``, ``repa-fast-report``, the
+preprocessing tools, ``repa-fast-check-cache``) run through ``run_main``, which prints that message as one line
+on stderr and exits with status 1. Any other exception is a bug and keeps its traceback.
 
 Under a launcher (``WORLD_SIZE`` > 1) the line names the rank that hit the problem. A rank whose collective
 fails because another rank has left the run (gloo: "Connection closed by peer") stops with one line too,

@@ -285,7 +285,11 @@ def test_sample_errors_under_a_launcher_name_the_rank(tiny, tmp_path, capsys, mo
     assert_one_line(sample.main, argv, capsys, "repa-fast-sample",
                     ["repa-fast-sample: rank 2: RANK=2 is not in [0, WORLD_SIZE=2)"])
 
-    # two real ranks in a process group, both refusing the same bad --classes: one line each, no hang
+
+@pytest.mark.slow
+def test_two_ranks_refusing_bad_classes_print_one_line_each(tiny, tmp_path):
+    # in a process group (gloo), both ranks refuse the same bad --classes: one line each, named, and no hang
+    argv = [str(tiny["run"]), "--sd", str(tiny["sd"]), "--out", str(tmp_path / "x"), "--per-class", "1"]
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "repa_fast.sample", *argv, "--classes", "1000"]
