@@ -275,3 +275,15 @@ def test_a_bug_in_the_evaluation_tools_keeps_its_traceback(tool, tmp_path, monke
     with pytest.raises(KeyError, match="a bug"):  # Python prints its traceback
         module.main(argv)
     assert capsys.readouterr().err.strip() == ""  # no one-line summary in its place
+
+
+def test_a_broken_prompts_file_beside_the_clip_table_is_named(tmp_path):
+    from repa_fast.data.cache import load_clip_prompts
+
+    table = tmp_path / "clip.pt"
+    assert load_clip_prompts(table) is None  # no prompts file: plots label classes by id
+    (tmp_path / "clip.pt.json").write_text('{"prompts": ["a photo of a cat"')
+    with pytest.raises(RunError, match=r"clip.pt.json: not valid JSON .*repa-fast-prepare-clip"):
+        load_clip_prompts(table)
+    (tmp_path / "clip.pt.json").write_text('{"prompts": ["a photo of a cat"]}')
+    assert load_clip_prompts(table) == ["a photo of a cat"]
