@@ -2,9 +2,9 @@
 
 A ``RunError`` is a problem with what the user gave: a config key, a ds_config, a cache, a CSV row, the CLIP
 table, a checkpoint, an image. Its message names the file, key or record and what to do. The entry points
-(``repa-fast-train``, ``repa-fast-evaluate``, the preprocessing tools, ``repa-fast-check-cache``) run through
-``run_main``, which prints that message as one line on stderr and exits with status 1. Any other exception
-is a bug and keeps its traceback.
+(``repa-fast-train``, ``repa-fast-evaluate``, ``repa-fast-sample``, ``repa-fast-fid``, ``repa-fast-report``, the
+preprocessing tools, ``repa-fast-check-cache``) run through ``run_main``, which prints that message as one line
+on stderr and exits with status 1. Any other exception is a bug and keeps its traceback.
 
 Under a launcher (``WORLD_SIZE`` > 1) the line names the rank that hit the problem. A rank whose collective
 fails because another rank has left the run (gloo: "Connection closed by peer") stops with one line too,
@@ -14,10 +14,12 @@ one rank never leaves the others waiting in a collective.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -42,6 +44,22 @@ class MissingFileError(RunError, FileNotFoundError):
 
 class NonFiniteError(RunError, FloatingPointError):
     """Values that must be finite are not (a loss, an encoded record)."""
+
+
+def read_json(path: str | os.PathLike, remedy: str) -> dict:
+    """The JSON object in ``path``, a file that a tool reads from the user's folders. A missing file is a
+    ``MissingFileError``, a file that is not a JSON object an ``InputError``; both name the file and ``remedy``
+    (what makes or fixes it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{str(path)!r} does not exist; {remedy}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # also a file that is not UTF-8
+        raise InputError(f"{path}: not valid JSON ({err}); {remedy}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: holds a JSON {type(value).__name__}, expected an object; {remedy}")
+    return value
 
 
 def rank_prefix() -> str:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from repa_fast.config import Config, config_from_dict, parse_overrides
-from repa_fast.errors import InputError, MissingFileError, run_main
+from repa_fast.errors import InputError, MissingFileError, RunError, run_main
 from repa_fast.export import HEADS_WEIGHT_NAME, LORA_WEIGHT_NAME
 from repa_fast.losses import NORM_EPS, SD15Loss, manifold_gram_loss, token_loss
 from repa_fast.optional import MissingDependency
@@ -528,14 +528,28 @@ def load_run(run_dir: str | os.PathLike, weights: str = "live", config: Config |
 def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32, unet=None):
     """A StableDiffusionPipeline from a local folder (no download, no safety checker): ``model_index.json``
     if present, else the vae, text_encoder, tokenizer, scheduler and unet subfolders. A given ``unet``
-    replaces the folder's (which is then not loaded)."""
+    replaces the folder's (which is then not loaded). A component whose files are missing is a
+    ``MissingFileError`` naming ``--sd``."""
+    root = Path(sd_folder)
+    if not root.is_dir():
+        raise MissingFileError(f"--sd {str(root)!r} is not a folder")
+    try:
+        pipe = _sd_pipeline(root, dtype, unet)
+    except RunError:
+        raise
+    except OSError as err:  # diffusers' and transformers' words for a component whose files are missing
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MissingFileError(f"--sd {str(root)!r}: {first} (a local SD-1.5 folder: vae, text_encoder, tokenizer, "
+                               f"scheduler, as save_pretrained writes it)") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _sd_pipeline(root: Path, dtype: torch.dtype, unet):
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    root = Path(sd_folder)
-    if not root.is_dir():
-        raise MissingFileError(f"--sd {str(root)!r} is not a folder")
     if (root / "model_index.json").is_file():
         components = {} if unet is None else {"unet": unet if unet.dtype == dtype else unet.to(dtype)}
         pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, safety_checker=None,
@@ -556,8 +570,7 @@ def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dt
                   if unet is None else unet if unet.dtype == dtype else unet.to(dtype)),
             scheduler=scheduler_cls.from_pretrained(root / "scheduler", local_files_only=True),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 def sample_grid(sd_folder, lora_dirs, classes: Sequence[str], seeds: Sequence[int], out_png: str | os.PathLike,

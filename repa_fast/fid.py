@@ -15,6 +15,9 @@ clean-fid load: ``net(images_uint8_NCHW, return_features=True)`` gives the 2048 
 ``net(images, no_output_bias=True)`` the class probabilities; it resizes to 299 px itself. Nothing is
 downloaded: a missing file is an error naming the option.
 
+Bad input (a missing file, a folder without images, an npz without ``arr_0``, a network of another
+interface) ends ``repa-fast-fid`` with one line naming it (``repa_fast.errors.run_main``).
+
 - FID: torchmetrics' ``FrechetInceptionDistance`` on the pool features (float64).
 - IS: torchmetrics' ``InceptionScore`` of the samples (``--is-splits`` splits, shuffled with ``--seed``).
 - KID: torchmetrics' ``KernelInceptionDistance`` (cubic polynomial kernel MMD, ``--kid-subsets`` subsets of
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,10 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from repa_fast.image_io import image_files, iter_npz_images, npz_keys, read_rgb
-from repa_fast.optional import MissingDependency, require
+from repa_fast.errors import InputError, MissingFileError, run_main
+from repa_fast.image_io import IMAGE_SUFFIXES, image_files, iter_npz_images, npz_keys, read_rgb
+from repa_fast.optional import require
 
 STATS_KEYS = ("mu", "sigma")
+# the keyword arguments of inception-2015-12-05.pt's forward that inception_outputs calls
+INCEPTION_KWARGS = ("return_features", "no_output_bias")
 
 
 # --- inputs --------------------------------------------------------------------------------------------
@@ -47,34 +52,39 @@ STATS_KEYS = ("mu", "sigma")
 def load_inception(path: str | os.PathLike | None, device="cpu") -> torch.jit.ScriptModule:
     """The TorchScript Inception of ``--inception`` on ``device``, in eval mode; never downloaded."""
     if path is None:
-        raise FileNotFoundError("--inception: no Inception file given (the TorchScript 'inception-2015-12-05.pt'; "
-                                "nothing is downloaded)")
+        raise MissingFileError("--inception: no Inception file given (the TorchScript 'inception-2015-12-05.pt'; "
+                               "nothing is downloaded)")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--inception {str(path)!r}: no such file (the TorchScript Inception-v3 "
-                                f"'inception-2015-12-05.pt'; nothing is downloaded)")
+        raise MissingFileError(f"--inception {str(path)!r}: no such file (the TorchScript Inception-v3 "
+                               f"'inception-2015-12-05.pt'; nothing is downloaded)")
     try:
         net = torch.jit.load(str(path), map_location=device)
-    except RuntimeError as err:
-        raise ValueError(f"--inception {str(path)!r} is not a TorchScript module: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"--inception {str(path)!r} is not a TorchScript module: {str(err).splitlines()[0]}") from None
+    have = [a.name for a in net.forward.schema.arguments]
+    if not all(k in have for k in INCEPTION_KWARGS):
+        raise InputError(f"--inception {str(path)!r}: forward{tuple(have[1:])} lacks {list(INCEPTION_KWARGS)}; "
+                         f"expected the interface of 'inception-2015-12-05.pt'")
     return net.eval()
 
 
-def source_kind(path: str | os.PathLike) -> str:
-    """``images`` (a folder, or an npz with ``arr_0``) or ``stats`` (an npz with ``mu`` and ``sigma``)."""
+def source_kind(path: str | os.PathLike, what: str = "SAMPLES") -> str:
+    """``images`` (a folder, or an npz with ``arr_0``) or ``stats`` (an npz with ``mu`` and ``sigma``); ``what``
+    (SAMPLES, REFERENCE) names the argument in errors."""
     path = Path(path)
     if path.is_dir():
         return "images"
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r}: neither a folder of images nor an npz")
+        raise MissingFileError(f"{what} {str(path)!r}: no such folder or npz")
     if path.suffix != ".npz":
-        raise ValueError(f"{str(path)!r}: expected a folder of images or an .npz")
+        raise InputError(f"{what} {str(path)!r}: expected a folder of images or an .npz")
     keys = npz_keys(path)
     if "arr_0" in keys:
         return "images"
     if all(k in keys for k in STATS_KEYS):
         return "stats"
-    raise KeyError(f"{path}: holds {keys}; expected images 'arr_0' or statistics 'mu' and 'sigma'")
+    raise InputError(f"{what} {str(path)!r}: holds {keys}; expected images 'arr_0' or statistics 'mu' and 'sigma'")
 
 
 def image_batches(path: str | os.PathLike, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
@@ -84,7 +94,7 @@ def image_batches(path: str | os.PathLike, batch_size: int) -> tuple[int, Iterat
         return iter_npz_images(path, batch_size)
     files = image_files(path)
     if not files:
-        raise FileNotFoundError(f"{path}: no images ({', '.join(('png', 'jpg', 'jpeg', 'webp', 'bmp'))})")
+        raise MissingFileError(f"{path}: no images ({', '.join(s[1:] for s in IMAGE_SUFFIXES)}) in the folder")
 
     def batches() -> Iterator[np.ndarray]:
         shape = None
@@ -94,7 +104,7 @@ def image_batches(path: str | os.PathLike, batch_size: int) -> tuple[int, Iterat
                 image = read_rgb(f)
                 shape = shape or image.shape
                 if image.shape != shape:
-                    raise ValueError(f"{f}: {image.shape[1]}x{image.shape[0]} px, but {files[0].name} is "
+                    raise InputError(f"{f}: {image.shape[1]}x{image.shape[0]} px, but {files[0].name} is "
                                      f"{shape[1]}x{shape[0]}: resize the set to one size first")
                 images.append(image)
             yield np.stack(images)
@@ -107,7 +117,8 @@ def load_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     with np.load(path) as data:
         mu, sigma = (torch.from_numpy(np.asarray(data[k], dtype=np.float64)) for k in STATS_KEYS)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [F] and [F, F]")
+        raise InputError(f"REFERENCE {str(path)!r}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not "
+                         f"[F] and [F, F]")
     return mu, sigma
 
 
@@ -127,6 +138,8 @@ def inception_outputs(net, path: str | os.PathLike, batch_size: int, device, pro
     from tqdm.auto import tqdm
 
     count, batches = image_batches(path, batch_size)
+    if count < 2:  # a covariance needs two
+        raise InputError(f"{path}: {count} image(s); FID and KID need at least 2")
     feats, probs = [], []
     with tqdm(total=count, desc=desc, unit="img", dynamic_ncols=True) as bar:
         for batch in batches:
@@ -166,8 +179,8 @@ def fid_score(sample_features: torch.Tensor, reference: torch.Tensor | tuple[tor
     if isinstance(reference, tuple):
         mu, sigma = reference
         if mu.shape[0] != sample_features.shape[1]:
-            raise ValueError(f"reference statistics have {mu.shape[0]} features, the Inception gives "
-                             f"{sample_features.shape[1]}")
+            raise InputError(f"reference statistics have {mu.shape[0]} features, the Inception (--inception) gives "
+                             f"{sample_features.shape[1]}: compute them with the same network (--save-ref-stats)")
         # torchmetrics keeps sums: mean = sum / n, cov = (cov_sum - n mean mean^T) / (n - 1); any n >= 2 gives mu, sigma
         n = 2
         metric.real_features_sum = mu * n
@@ -211,11 +224,17 @@ def compute_metrics(samples: str | os.PathLike, reference: str | os.PathLike, in
     """FID, IS and (with reference images) KID of ``samples`` against ``reference``; see the module doc."""
     for module in ("torchmetrics.image.fid", "torchmetrics.image.kid", "torchmetrics.image.inception"):
         require(module, "repa-fast-fid")  # before minutes of Inception passes
-    if source_kind(samples) != "images":
-        raise ValueError(f"samples {str(samples)!r}: need images, not statistics")
-    ref_kind = source_kind(reference)
+    # (value, least): KID's unbiased MMD divides by m (m - 1)
+    counts = {"--batch-size": (batch_size, 1), "--kid-subsets": (kid_subsets, 1),
+              "--kid-subset-size": (kid_subset_size, 2), "--is-splits": (is_splits, 1)}
+    for option, (value, least) in counts.items():
+        if value < least:
+            raise InputError(f"{option} {value}: must be at least {least}")
+    if source_kind(samples, "SAMPLES") != "images":
+        raise InputError(f"SAMPLES {str(samples)!r}: holds statistics (mu, sigma); need images")
+    ref_kind = source_kind(reference, "REFERENCE")
     if save_ref_stats is not None and ref_kind != "images":
-        raise ValueError("--save-ref-stats: the reference is statistics already")
+        raise InputError(f"--save-ref-stats: REFERENCE {str(reference)!r} is statistics already")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_inception(inception, device)
     sample_feats, sample_probs = inception_outputs(net, samples, batch_size, device, True, "inception: samples")
@@ -263,11 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        result = compute_metrics(args.samples, args.reference, args.inception, args.batch_size, args.device,
-                                 args.kid_subsets, args.kid_subset_size, args.is_splits, args.seed, args.save_ref_stats)
-    except (FileNotFoundError, ValueError, KeyError, MissingDependency) as err:
-        sys.exit(f"repa-fast-fid: {err}")
+    result = run_main("repa-fast-fid", compute_metrics, args.samples, args.reference, args.inception,
+                      args.batch_size, args.device, args.kid_subsets, args.kid_subset_size, args.is_splits, args.seed,
+                      args.save_ref_stats)
     out = Path(args.out) if args.out else default_out(args.samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2), encoding="utf-8")

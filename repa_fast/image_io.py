@@ -4,6 +4,10 @@ An ADM-style npz (guided-diffusion's sample and reference batches) holds ``arr_0
 and, for class-conditional samples, ``arr_1``: int64 [N] labels. ``write_npz`` streams images into the
 zip member one at a time and ``iter_npz_images`` reads them back in batches (plain or compressed npz),
 so 50,000 images at 512 px (39 GB) never sit in memory at once.
+
+A file that the user gave and that cannot be read (not an image, a truncated npz, no ``arr_0``) is an
+``InputError`` or ``MissingFileError`` naming the file; a wrong image handed to ``write_npz`` by the caller
+stays a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+from repa_fast.errors import InputError, MissingFileError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -28,18 +34,23 @@ def save_png_atomic(image, path: str | os.PathLike) -> Path:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 [H, W, 3]."""
+    """An image file as RGB uint8 [H, W, 3]; a file that PIL cannot decode is an ``InputError`` naming it."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    if not Path(path).is_file():
+        raise MissingFileError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as err:  # not an image, or truncated
+        raise InputError(f"{path}: not a readable image ({err}); replace or remove it") from None
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """The image files of a folder (not recursive), sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{str(folder)!r} is not a folder")
+        raise MissingFileError(f"{str(folder)!r} is not a folder")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
@@ -75,28 +86,43 @@ def write_npz(path: str | os.PathLike, images: Iterable[np.ndarray], count: int,
 
 
 def npz_keys(path: str | os.PathLike) -> list[str]:
-    """The array names in an npz."""
-    with np.load(path) as data:
-        return list(data.files)
+    """The array names in an npz; a file that is not one is an ``InputError`` naming it."""
+    if not Path(path).is_file():
+        raise MissingFileError(f"npz {str(path)!r} does not exist")
+    try:
+        with np.load(path) as data:
+            return list(data.files)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:  # numpy reads a non-zip file as a pickle and refuses
+        raise InputError(f"{path}: not a readable .npz ({str(err).splitlines()[0][:120]})") from None
 
 
 def iter_npz_images(path: str | os.PathLike, batch_size: int, key: str = "arr_0") -> tuple[int, Iterator[np.ndarray]]:
     """(N, an iterator of uint8 batches [b, H, W, 3]) over ``key`` of an npz, read sequentially from the zip."""
     path = Path(path)
-    zf = zipfile.ZipFile(path)
+    if not path.is_file():
+        raise MissingFileError(f"npz {str(path)!r} does not exist")
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as err:
+        raise InputError(f"{path}: not a readable .npz ({err})") from None
     member = f"{key}.npy"
     if member not in zf.namelist():
         names = [n.removesuffix(".npy") for n in zf.namelist()]
         zf.close()
-        raise KeyError(f"{path}: no array {key!r} (holds {names})")
+        raise InputError(f"{path}: no array {key!r} (holds {names}); expected images in {key!r}")
     f = zf.open(member)
-    version = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(f)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+    except ValueError as err:  # numpy's own words for a member that is not an .npy array
+        f.close()
+        zf.close()
+        raise InputError(f"{path}: {key} is not a readable array ({err})") from None
     if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] != 3:
         f.close()
         zf.close()
-        raise ValueError(f"{path}: {key} is {dtype} {list(shape)}{' (Fortran order)' if fortran else ''}; "
+        raise InputError(f"{path}: {key} is {dtype} {list(shape)}{' (Fortran order)' if fortran else ''}; "
                          f"expected uint8 images [N, H, W, 3]")
     per_image = int(np.prod(shape[1:]))
 
@@ -106,7 +132,7 @@ def iter_npz_images(path: str | os.PathLike, batch_size: int, key: str = "arr_0"
                 b = min(batch_size, shape[0] - start)
                 raw = f.read(b * per_image)
                 if len(raw) != b * per_image:
-                    raise ValueError(f"{path}: {key} ends after {start + len(raw) // per_image} of {shape[0]} images")
+                    raise InputError(f"{path}: {key} ends after {start + len(raw) // per_image} of {shape[0]} images")
                 yield np.frombuffer(bytearray(raw), dtype=np.uint8).reshape(b, *shape[1:])  # writable
         finally:
             f.close()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from repa_fast.errors import InputError
 from repa_fast.optional import require
 
 SOURCE_COLORS = ("tab:blue", "tab:orange")  # predicted, DINO
@@ -144,7 +145,8 @@ def tsne_plot(pred: torch.Tensor, dino: torch.Tensor, title: str = "", max_point
 # --- training curves -----------------------------------------------------------------------------------
 
 def read_train_log(path: str | os.PathLike) -> list[dict]:
-    """The records of ``train_log.jsonl`` (``ids`` dropped); a broken line is an error naming the file and line."""
+    """The records of ``train_log.jsonl`` (``ids`` dropped); a broken line is an ``InputError`` naming the file
+    and line."""
     path = Path(path)
     records = []
     with open(path, encoding="utf-8") as f:
@@ -154,9 +156,9 @@ def read_train_log(path: str | os.PathLike) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON record ({err})") from None
+                raise InputError(f"{path}:{number}: not a JSON record ({err}); fix or delete that line") from None
             if not isinstance(record, dict) or "step" not in record:
-                raise ValueError(f"{path}:{number}: a record needs a 'step' key")
+                raise InputError(f"{path}:{number}: a record needs a 'step' key; fix or delete that line")
             record.pop("ids", None)
             records.append(record)
     return records

@@ -14,7 +14,8 @@ command that makes it:
   of each sample set, and the ``*fid*.json`` beside them (``repa-fast-fid``).
 
 The page is ``OUT/index.html``; every picture it shows is drawn or copied into ``OUT``, so the folder can
-be moved, served or attached as it is.
+be moved, served or attached as it is. A file that is there but cannot be read (a JSON that is not, a
+broken log line, an image PIL cannot decode) ends the tool with one line naming it.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ import argparse
 import html
 import json
 import shutil
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from repa_fast.errors import InputError, MissingFileError, read_json, run_main
 from repa_fast.image_io import read_rgb
-from repa_fast.optional import MissingDependency
 
 METRIC_COLUMNS = ("cosine", "gram_loss", "cknna", "cknna_chance", "cca", "cca_chance")
 FID_COLUMNS = (("fid", "FID"), ("isc_mean", "IS"), ("isc_std", "IS std"), ("kid_mean", "KID"), ("kid_std", "KID std"),
@@ -120,7 +120,7 @@ def eval_section(eval_dir: Path, out: Path) -> str:
     metrics_path = eval_dir / "metrics.json"
     if not metrics_path.is_file():
         return "<h2>Alignment metrics</h2>" + _absent(f"{metrics_path}", "repa-fast-evaluate RUN_DIR")
-    report = json.loads(metrics_path.read_text(encoding="utf-8"))
+    report = read_json(metrics_path, "rerun repa-fast-evaluate RUN_DIR to rewrite it")
     rows, figures = [], []
     for weights, result in report.get("weights", {}).items():
         for layer, per_t in result.get("layers", {}).items():
@@ -168,7 +168,7 @@ def samples_section(sets: list[Path], out: Path, grid_classes: int, grid_images:
         if not meta_path.is_file():
             section += f'<p class="absent">{_e(folder)}: no samples.json (not a repa-fast-sample folder)</p>'
             continue
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = read_json(meta_path, "rerun repa-fast-sample with the same --out to rewrite it")
         settings, prompts = meta.get("settings", {}), meta.get("prompts") or []
         rows, labels = [], []
         for c in meta.get("classes", [])[:grid_classes]:
@@ -186,7 +186,7 @@ def samples_section(sets: list[Path], out: Path, grid_classes: int, grid_images:
             image_grid(rows, labels, out / name, title=folder.name)
             section += _figure(name, f"first {len(rows)} classes x {max(len(r) for r in rows)} images")
         for fid_json in sorted(folder.glob("*fid*.json")):
-            result = json.loads(fid_json.read_text(encoding="utf-8"))
+            result = read_json(fid_json, "rerun repa-fast-fid to rewrite it, or remove it")
             fid_rows.append([folder.name, Path(result.get("reference", "")).name,
                              *[result.get(k, "") for k, _ in FID_COLUMNS]])
     section += "<h2>FID</h2>"
@@ -201,10 +201,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, eval_dir: s
                  samples: list[str | Path] = (), grid_classes: int = 8, grid_images: int = 8) -> Path:
     """Write ``OUT/index.html`` and its PNGs; returns the page's path."""
     run = Path(run_dir)
-    config_path = run / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{str(run)!r}: no config.json (not a repa-fast run folder)")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if not (run / "config.json").is_file():
+        raise MissingFileError(f"{str(run)!r}: no config.json (not a repa-fast run folder)")
+    config = read_json(run / "config.json", "repa-fast-train writes it at the start of a run")
+    for option, value in (("--grid-classes", grid_classes), ("--grid-images", grid_images)):
+        if value < 1:
+            raise InputError(f"{option} {value}: must be at least 1")
+    given = [("--eval-dir", eval_dir)] if eval_dir else []
+    for option, folder in [*given, *(("--samples", s) for s in samples)]:
+        if not Path(folder).is_dir():
+            raise MissingFileError(f"{option} {str(folder)!r}: no such folder")
     out = Path(out) if out else run / "report"
     out.mkdir(parents=True, exist_ok=True)
     eval_dir = Path(eval_dir) if eval_dir else run / "eval"
@@ -236,10 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        index = build_report(args.run_dir, args.out, args.eval_dir, args.samples, args.grid_classes, args.grid_images)
-    except (FileNotFoundError, ValueError, KeyError, MissingDependency) as err:
-        sys.exit(f"repa-fast-report: {err}")
+    index = run_main("repa-fast-report", build_report, args.run_dir, args.out, args.eval_dir, args.samples,
+                     args.grid_classes, args.grid_images)
     print(f"report: {index}")
 
 

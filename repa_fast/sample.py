@@ -27,6 +27,9 @@ The sampler follows the run's noise path:
 - ``path_type: linear`` with ``prediction: v``: Euler steps on x_t = (1 - t) x0 + t eps from t = 1 to 0,
   the U-Net at timestep 999 t as in training (``flow_euler``).
 Other combinations (``cosine``; ``linear`` with epsilon) have no sampler here and are refused.
+
+Bad input (a missing run folder or ``--sd`` file, bad ``--classes``, a folder of other settings) ends the
+tool with one line naming it, prefixed ``rank R:`` under a launcher (``repa_fast.errors.run_main``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import argparse
 import inspect
 import json
 import os
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -44,7 +46,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from repa_fast.config import ConfigError
+from repa_fast.errors import InputError, MissingFileError, read_json, run_main
 from repa_fast.image_io import read_rgb, save_png_atomic, write_npz
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
@@ -89,14 +91,14 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
             lo, _, hi = part.partition("-")
             ids = range(int(lo), int(hi) + 1) if hi else [int(lo)]
         except ValueError:
-            raise ValueError(f"--classes: {part!r} is not a class id or a range like 0-9") from None
+            raise InputError(f"--classes: {part!r} is not a class id or a range like 0-9") from None
         classes.extend(ids)
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad or not classes:
-        raise ValueError(f"--classes {text!r}: ids must lie in [0, {num_classes}) (the CLIP table's classes), "
+        raise InputError(f"--classes {text!r}: ids must lie in [0, {num_classes}) (the CLIP table's classes), "
                          f"got {bad[:5] if bad else 'none'}")
     if len(set(classes)) != len(classes):
-        raise ValueError(f"--classes {text!r} names a class twice")
+        raise InputError(f"--classes {text!r} names a class twice")
     return classes
 
 
@@ -114,16 +116,17 @@ def build_scheduler(name: str, path_type: str, prediction: str, sd_scheduler_con
 
     if path_type == "linear":
         if prediction != "v":
-            raise ValueError(f"path_type 'linear' with prediction {prediction!r}: no sampler here (only v)")
+            raise InputError(f"run config: path_type 'linear' with prediction {prediction!r}: no sampler here "
+                             f"(only v)")
         if name not in ("auto", FLOW_EULER):
-            raise ValueError(f"--scheduler {name!r}: a path_type 'linear' run samples with {FLOW_EULER!r} only "
+            raise InputError(f"--scheduler {name!r}: a path_type 'linear' run samples with {FLOW_EULER!r} only "
                              f"(the DDPM-family schedulers follow SD-1.5's noise schedule, not the linear path)")
         return FlowEulerScheduler(num_train_timesteps=999)
     if path_type != "ddpm":
-        raise ValueError(f"path_type {path_type!r}: no sampler here (ddpm and linear are supported)")
+        raise InputError(f"run config: path_type {path_type!r}: no sampler here (ddpm and linear are supported)")
     name = "ddim" if name == "auto" else name
     if name not in SCHEDULERS:
-        raise ValueError(f"--scheduler {name!r} is not one of {['auto', *SCHEDULERS]}")
+        raise InputError(f"--scheduler {name!r} is not one of {['auto', FLOW_EULER, *SCHEDULERS]}")
     cls = getattr(diffusers, SCHEDULERS[name])
     settings = {"prediction_type": "v_prediction" if prediction == "v" else "epsilon"}
     if "clip_sample" in inspect.signature(cls.__init__).parameters:
@@ -133,7 +136,7 @@ def build_scheduler(name: str, path_type: str, prediction: str, sd_scheduler_con
     have = scheduler.alphas_cumprod.double()
     if have.shape != trained.shape or not torch.allclose(have, trained, rtol=1e-4, atol=1e-7):
         c = scheduler.config
-        raise ValueError(f"--sd scheduler config: beta_schedule {c.get('beta_schedule')!r}, beta_start "
+        raise InputError(f"--sd scheduler config: beta_schedule {c.get('beta_schedule')!r}, beta_start "
                          f"{c.get('beta_start')}, beta_end {c.get('beta_end')}, {c.get('num_train_timesteps')} steps "
                          f"is not SD-1.5's schedule (scaled_linear, 0.00085, 0.012, 1000), which the run trained on")
     return scheduler
@@ -151,10 +154,17 @@ def check_settings(out: Path, settings: dict) -> None:
     meta = out / META_NAME
     if not meta.is_file():
         return
-    have = json.loads(meta.read_text(encoding="utf-8")).get("settings", {})
+    have = read_json(meta, "pass another --out (or delete the file to adopt the folder)").get("settings", {})
     differ = [f"{k} {have.get(k)!r} (now {settings[k]!r})" for k in PIXEL_SETTINGS if have.get(k) != settings[k]]
     if differ:
-        raise ValueError(f"{out} holds samples made with other settings: {', '.join(differ)}; pass another --out")
+        raise InputError(f"{out} holds samples made with other settings: {', '.join(differ)}; pass another --out")
+
+
+def write_meta(out: Path, meta: dict) -> None:
+    """``OUT/samples.json`` through a temporary file: another rank's ``check_settings`` never reads half of it."""
+    tmp = out / f".{META_NAME}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    os.replace(tmp, out / META_NAME)
 
 
 class Distributed:
@@ -165,13 +175,13 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if not 0 <= self.rank < self.world:
-            raise ValueError(f"RANK={self.rank} is not in [0, WORLD_SIZE={self.world})")
+            raise InputError(f"RANK={self.rank} is not in [0, WORLD_SIZE={self.world})")
         if self.world > 1:
             import torch.distributed as dist
 
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
-                raise ValueError(f"WORLD_SIZE={self.world} but {missing} not set: start with deepspeed or torchrun")
+                raise InputError(f"WORLD_SIZE={self.world} but {missing} not set: start with deepspeed or torchrun")
             # ranks wait for each other only at the end; a resumed folder can leave them unevenly loaded
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=12))
 
@@ -215,11 +225,19 @@ def assemble(out: Path, classes: list[int], per_class: int, size: int) -> Path:
     jobs = [(c, j) for c in classes for j in range(per_class)]
     missing = [png_name(c, j) for c, j in jobs if not (out / png_name(c, j)).is_file()]
     if missing:
-        raise FileNotFoundError(f"{out}: {len(missing)} of {len(jobs)} images missing ({missing[:3]} ...): "
-                                f"a rank failed; rerun the same command to make them")
+        raise MissingFileError(f"{out}: {len(missing)} of {len(jobs)} images missing ({missing[:3]} ...): "
+                               f"a rank failed; rerun the same command to make them")
+
+    def images():
+        for c, j in jobs:
+            image = read_rgb(out / png_name(c, j))
+            if image.shape != (size, size, 3):
+                raise InputError(f"{out / png_name(c, j)}: {image.shape[1]}x{image.shape[0]} px, expected "
+                                 f"{size}x{size} (--size); delete it and rerun the same command to remake it")
+            yield image
+
     path = out / f"samples_{len(jobs)}x{size}x{size}x3.npz"
-    return write_npz(path, (read_rgb(out / png_name(c, j)) for c, j in jobs), len(jobs), (size, size, 3),
-                     labels=np.array([c for c, _ in jobs]))
+    return write_npz(path, images(), len(jobs), (size, size, 3), labels=np.array([c for c, _ in jobs]))
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -257,10 +275,12 @@ def run(args: argparse.Namespace) -> dict:
     from repa_fast.data.cache import load_clip_prompts, load_clip_table
     from repa_fast.evaluate import load_run_config, load_run_unet, load_sd_pipeline
 
-    if args.per_class < 1 or args.steps < 1 or args.batch_size < 1:
-        raise ValueError("--per-class, --steps and --batch-size must be at least 1")
+    for option, value in (("--per-class", args.per_class), ("--steps", args.steps), ("--batch-size", args.batch_size),
+                          ("--size", args.size)):
+        if value < 1:
+            raise InputError(f"{option} {value}: must be at least 1")
     if args.size % 8:
-        raise ValueError(f"--size {args.size} is not a multiple of 8 (the VAE's downsampling)")
+        raise InputError(f"--size {args.size} is not a multiple of 8 (the VAE's downsampling)")
     dist = Distributed()
     try:
         cuda = torch.cuda.is_available()
@@ -280,12 +300,12 @@ def run(args: argparse.Namespace) -> dict:
         jobs = rank_jobs(classes, args.per_class, dist.rank, dist.world)
         out.mkdir(parents=True, exist_ok=True)
         if dist.rank == 0 and not (out / META_NAME).is_file():  # an interrupted job is resumed only as it was
-            (out / META_NAME).write_text(json.dumps({"settings": settings}, indent=1), encoding="utf-8")
+            write_meta(out, {"settings": settings})
 
         unet, _ = load_run_unet(args.run_dir, args.weights, config)
         if table.shape[-1] != unet.config.cross_attention_dim:
-            raise ValueError(f"{config.clip_embeddings_path}: embedding dim {table.shape[-1]}, the U-Net expects "
-                             f"{unet.config.cross_attention_dim}")
+            raise InputError(f"{config.clip_embeddings_path}: embedding dim {table.shape[-1]}, the U-Net expects "
+                             f"{unet.config.cross_attention_dim} (config keys 'clip_embeddings_path' and 'model')")
         pipe = load_sd_pipeline(args.sd, device, dtype, unet=unet.requires_grad_(False).eval())
         pipe.scheduler = scheduler
         t0 = time.perf_counter()
@@ -301,7 +321,7 @@ def run(args: argparse.Namespace) -> dict:
             if not args.no_npz:
                 result["npz"] = str(assemble(out, classes, args.per_class, args.size))
                 meta["npz"] = Path(result["npz"]).name
-            (out / META_NAME).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            write_meta(out, meta)
         return result
     finally:
         dist.close()
@@ -310,16 +330,14 @@ def run(args: argparse.Namespace) -> dict:
 def _sd_scheduler_config(sd_folder: str | os.PathLike) -> dict:
     path = Path(sd_folder) / "scheduler" / "scheduler_config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"--sd {str(sd_folder)!r}: no scheduler/scheduler_config.json")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise MissingFileError(f"--sd {str(sd_folder)!r}: no scheduler/scheduler_config.json (a local SD-1.5 "
+                               f"folder: vae, text_encoder, tokenizer, scheduler)")
+    return read_json(path, "--sd must be a local SD-1.5 folder")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_intermixed_args(argv)
-    try:
-        result = run(args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
-        sys.exit(f"repa-fast-sample: {err}")
+    result = run_main("repa-fast-sample", run, args)
     if int(os.environ.get("RANK", 0)) == 0:
         rate = result["made"] / result["seconds"] if result["seconds"] > 0 else float("nan")
         print(f"rank 0 made {result['made']} of its {result['rank_images']} images ({rate:.2f} images/s); "

@@ -1,4 +1,5 @@
-"""Tiny stand-ins shared by the evaluation tests: a run folder as the launcher leaves it, and an SD folder."""
+"""Tiny stand-ins shared by the evaluation tests: a run folder as the launcher leaves it, and an SD folder; and
+the check that a tool stops on bad input with one line."""
 
 import json
 import string
@@ -105,3 +106,17 @@ def write_standin_inception(path, num_features: int = 16, num_classes: int = 10,
 
     torch.manual_seed(seed)
     torch.jit.script(StandIn()).save(str(path))
+
+
+def assert_one_line(main, argv: list[str], capsys, prog: str, words: list[str]) -> str:
+    """``main(argv)`` exits with status 1 and exactly one line ``prog: ...`` on stderr holding every word, without
+    a traceback; returns the line. A progress bar drawn before the failure (tqdm's ``\\r`` redraws) is not a line."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if line.strip() and not line.startswith("\r")]
+    assert stop.value.code == 1 and "Traceback" not in err and len(lines) == 1, (argv, err)
+    assert lines[0].startswith(f"{prog}: "), (argv, lines[0])
+    for word in words:
+        assert word in lines[0], (argv, word, lines[0])
+    return lines[0]

@@ -255,3 +255,35 @@ def test_the_other_entry_points_fail_with_one_line(data, tmp_path, capsys):
         lines = err.strip().splitlines()
         assert stop.value.code == 1 and "Traceback" not in err and len(lines) == 1, err
         assert lines[0].startswith(prog) and all(word in lines[0] for word in words), lines[0]
+
+
+@pytest.mark.parametrize("tool", ["sample", "fid", "report"])
+def test_a_bug_in_the_evaluation_tools_keeps_its_traceback(tool, tmp_path, monkeypatch, capsys):
+    """A RunError ends these tools with one line (tests/test_sample.py, test_fid.py); anything else propagates."""
+    from repa_fast import fid, report, sample
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug")
+
+    (tmp_path / "config.json").write_text("{}")
+    module, name, argv = {
+        "sample": (sample, "Distributed", [str(tmp_path), "--sd", str(tmp_path)]),
+        "fid": (fid, "source_kind", [str(tmp_path), str(tmp_path), "--inception", str(tmp_path / "x.pt")]),
+        "report": (report, "curves_section", [str(tmp_path)]),
+    }[tool]
+    monkeypatch.setattr(module, name, bug)
+    with pytest.raises(KeyError, match="a bug"):  # Python prints its traceback
+        module.main(argv)
+    assert capsys.readouterr().err.strip() == ""  # no one-line summary in its place
+
+
+def test_a_broken_prompts_file_beside_the_clip_table_is_named(tmp_path):
+    from repa_fast.data.cache import load_clip_prompts
+
+    table = tmp_path / "clip.pt"
+    assert load_clip_prompts(table) is None  # no prompts file: plots label classes by id
+    (tmp_path / "clip.pt.json").write_text('{"prompts": ["a photo of a cat"')
+    with pytest.raises(RunError, match=r"clip.pt.json: not valid JSON .*repa-fast-prepare-clip"):
+        load_clip_prompts(table)
+    (tmp_path / "clip.pt.json").write_text('{"prompts": ["a photo of a cat"]}')
+    assert load_clip_prompts(table) == ["a photo of a cat"]

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 from helpers_sd import (
+    assert_one_line,
     one_thread,  # noqa: F401 (autouse fixture)
     write_standin_inception,
 )
 from PIL import Image
 
 from repa_fast import fid
+from repa_fast.errors import InputError
 from repa_fast.optional import MissingDependency
 
 
@@ -91,25 +93,62 @@ def test_inception_score_of_known_class_probabilities():
     assert fid.inception_score(p, splits=1)[0] == pytest.approx(want, rel=1e-9)
 
 
-def test_bad_inputs_are_clear_errors(sets, tmp_path, capsys):
-    missing = tmp_path / "nowhere" / "inception.pt"
-    with pytest.raises(SystemExit) as exc:
-        fid.main([str(sets["base"]), str(sets["other"]), "--inception", str(missing)])
-    assert "--inception" in str(exc.value) and "nowhere" in str(exc.value) and "downloaded" in str(exc.value)
-    not_script = tmp_path / "weights.pth"
-    torch.save({"w": torch.zeros(2)}, not_script)
-    with pytest.raises(ValueError, match="not a TorchScript module"):
-        fid.load_inception(not_script)
-    empty = tmp_path / "empty.npz"
-    np.savez(empty, images=np.zeros((2, 4, 4, 3), np.uint8))
-    with pytest.raises(KeyError, match="'arr_0' or statistics 'mu' and 'sigma'"):
-        fid.source_kind(empty)
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    Image.new("RGB", (8, 8)).save(mixed / "a.png")
-    Image.new("RGB", (8, 6)).save(mixed / "b.png")
-    with pytest.raises(ValueError, match="b.png: 8x6 px, but a.png is 8x8"):
-        fid.compute_metrics(mixed, sets["base"], sets["inception"])
+def _bad_inputs(sets, tmp) -> dict:
+    """name -> (argv of repa-fast-fid, words its one line must hold)."""
+    base, inception = str(sets["base"]), str(sets["inception"])
+    torch.save({"w": torch.zeros(2)}, tmp / "weights.pth")
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp / "linear.pt"))
+    np.savez(tmp / "images.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    np.savez(tmp / "float.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32))
+    np.savez(tmp / "one.npz", arr_0=np.zeros((1, 4, 4, 3), np.uint8))
+    np.savez(tmp / "stats4.npz", mu=np.zeros(4), sigma=np.eye(4))
+    np.savez(tmp / "stats_bad.npz", mu=np.zeros(4), sigma=np.eye(3))
+    (tmp / "junk.npz").write_text("not a zip")
+    (tmp / "list.txt").write_text("a.png\n")
+    for name, sizes in (("empty", []), ("mixed", [(8, 8), (8, 6)]), ("broken", [(8, 8), None])):
+        (tmp / name).mkdir()
+        (tmp / name / "notes.txt").write_text("no image")
+        for i, size in enumerate(sizes):
+            path = tmp / name / f"{'ab'[i]}.png"
+            Image.new("RGB", size).save(path) if size else path.write_bytes(b"not a png")
+
+    def argv(samples=base, reference=base, net=inception, extra=()):
+        return [str(samples), str(reference), "--inception", str(net), *extra]
+
+    return {
+        "missing --inception": (argv(net=tmp / "nowhere" / "inception.pt"), ["--inception", "nowhere", "downloaded"]),
+        "--inception not TorchScript": (argv(net=tmp / "weights.pth"), ["weights.pth", "not a TorchScript module"]),
+        "--inception of another interface": (argv(net=tmp / "linear.pt"),
+                                             ["linear.pt", "lacks", "return_features", "inception-2015-12-05.pt"]),
+        "missing samples": (argv(samples=tmp / "no_samples"), ["SAMPLES", "no_samples", "no such folder or npz"]),
+        "missing reference": (argv(reference=tmp / "no_ref.npz"), ["REFERENCE", "no_ref.npz"]),
+        "folder without images": (argv(samples=tmp / "empty"), ["empty", "no images (png, jpg"]),
+        "npz without arr_0": (argv(reference=tmp / "images.npz"), ["REFERENCE", "images.npz", "'arr_0'", "'mu'"]),
+        "not an npz": (argv(samples=tmp / "junk.npz"), ["junk.npz", "not a readable .npz"]),
+        "neither folder nor npz": (argv(reference=tmp / "list.txt"), ["REFERENCE", "list.txt", "folder of images"]),
+        "arr_0 not uint8": (argv(samples=tmp / "float.npz"), ["float.npz", "arr_0 is float32", "expected uint8"]),
+        "one image": (argv(samples=tmp / "one.npz"), ["one.npz", "1 image(s)", "at least 2"]),
+        "images of two sizes": (argv(samples=tmp / "mixed"), ["b.png: 8x6 px, but a.png is 8x8"]),
+        "unreadable image": (argv(samples=tmp / "broken"), ["b.png", "not a readable image"]),
+        "statistics as samples": (argv(samples=tmp / "stats4.npz"), ["SAMPLES", "stats4.npz", "statistics"]),
+        "statistics of another network": (argv(reference=tmp / "stats4.npz"),
+                                          ["statistics have 4 features", "gives 16", "--inception"]),
+        "statistics of bad shape": (argv(reference=tmp / "stats_bad.npz"), ["stats_bad.npz", "sigma [3, 3]"]),
+        "--save-ref-stats of statistics": (argv(reference=tmp / "stats4.npz", extra=["--save-ref-stats", "x.npz"]),
+                                           ["--save-ref-stats", "stats4.npz", "statistics already"]),
+        "--batch-size 0": (argv(extra=["--batch-size", "0"]), ["--batch-size 0", "at least 1"]),
+        "--kid-subset-size 1": (argv(extra=["--kid-subset-size", "1"]),
+                                ["--kid-subset-size 1", "at least 2"]),
+    }
+
+
+def test_bad_inputs_end_with_one_line_naming_them(sets, tmp_path, capsys):
+    for name, (argv, words) in _bad_inputs(sets, tmp_path).items():
+        line = assert_one_line(fid.main, argv, capsys, "repa-fast-fid", words)
+        assert "Traceback" not in line, name
+    assert not list(tmp_path.glob("*fid*.json"))  # nothing written
+    with pytest.raises(InputError, match="not a TorchScript module"):  # the library raises, the CLI prints
+        fid.load_inception(tmp_path / "weights.pth")
 
 
 def test_missing_torchmetrics_names_the_extra(sets, monkeypatch):

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_sd import (
+    assert_one_line,
     make_tiny_run,
     one_thread,  # noqa: F401 (autouse fixture)
     sd15_scheduler,
@@ -204,8 +206,8 @@ def test_two_ranks_resume_and_npz(tiny, capsys):
     assert "rank 0 made 2 of its 6 images" in capsys.readouterr().out
     for name, image in _pngs(one).items():
         _assert_same_image(image, from_one[name], name)
-    with pytest.raises(SystemExit, match=r"other settings: cfg 3\.0 \(now 1\.5\)"):
-        sample.main([str(run), "--sd", str(sd), *ARGS, "--cfg", "1.5", "--out", str(one)])
+    assert_one_line(sample.main, [str(run), "--sd", str(sd), *ARGS, "--cfg", "1.5", "--out", str(one)], capsys,
+                    "repa-fast-sample", ["other settings: cfg 3.0 (now 1.5)"])
 
     # live weights differ from EMA; the ddpm path samples with a DDIM scheduler in v_prediction
     live = tiny["root"] / "live_ddpm"
@@ -216,15 +218,88 @@ def test_two_ranks_resume_and_npz(tiny, capsys):
     assert not np.array_equal(_pngs(live)["c0002_00000.png"], from_one["c0002_00000.png"])
 
 
-def test_bad_input_names_the_option(tiny, tmp_path):
+def _bad_sample_inputs(run: Path, sd: Path, tmp: Path) -> dict:
+    """name -> (arguments after RUN_DIR, run folder or None for the tiny run, words the one line must hold)."""
+    from diffusers import DDPMScheduler
+
+    (tmp / "sd_json" / "scheduler").mkdir(parents=True)
+    (tmp / "sd_json" / "scheduler" / "scheduler_config.json").write_text("{oops")
+    DDPMScheduler().save_config(tmp / "sd_ddpm" / "scheduler")  # linear betas 1e-4 -> 0.02: not SD-1.5's
+    for name, text in (("other_settings", json.dumps({"settings": {"cfg": 9.0}})), ("broken_meta", "{")):
+        (tmp / name).mkdir()
+        (tmp / name / sample.META_NAME).write_text(text)
+    shutil.copytree(sd, tmp / "sd_no_vae")
+    for weights in (tmp / "sd_no_vae" / "vae").glob("diffusion_pytorch_model.*"):
+        weights.unlink()
+    (tmp / "no_weights").mkdir()
+    (tmp / "no_weights" / "config.json").write_text((run / "config.json").read_text())
+    return {
+        "missing run folder": ([], tmp / "nothing", ["nothing", "no config.json", "not a repa-fast run folder"]),
+        "run without lora_ema": ([], tmp / "no_weights", ["no_weights", "no lora_ema/"]),
+        "--sd without a scheduler": (["--sd", str(tmp)], None, ["--sd", "no scheduler/scheduler_config.json"]),
+        "--sd scheduler not JSON": (["--sd", str(tmp / "sd_json")], None, ["scheduler_config.json", "not valid JSON"]),
+        "--sd without VAE weights": (["--sd", str(tmp / "sd_no_vae")], None,
+                                     ["--sd", "sd_no_vae", "no file named diffusion_pytorch_model", "SD-1.5 folder"]),
+        "--sd of another schedule": (["--sd", str(tmp / "sd_ddpm"), "path_type=ddpm"], None,
+                                     ["--sd scheduler config", "not SD-1.5's schedule"]),
+        "--size 60": (["--size", "60"], None, ["--size 60 is not a multiple of 8"]),
+        "--per-class 0": (["--per-class", "0"], None, ["--per-class 0", "at least 1"]),
+        "--classes out of range": (["--classes", "3,1000"], None, ["--classes '3,1000'", "[0, 1000)", "[1000]"]),
+        "--classes not ids": (["--classes", "0-2,cat"], None, ["--classes", "'cat' is not a class id"]),
+        "--classes twice": (["--classes", "0-3,2"], None, ["--classes '0-3,2' names a class twice"]),
+        "--classes empty": (["--classes", ","], None, ["--classes ','", "got none"]),
+        "--scheduler on the linear path": (["--scheduler", "dpm"], None, ["--scheduler 'dpm'", "'flow_euler' only"]),
+        "cosine path": (["path_type=cosine"], None, ["path_type 'cosine'", "no sampler"]),
+        "linear path with epsilon": (["prediction=epsilon"], None, ["'linear' with prediction 'epsilon'"]),
+        "unknown config key": (["lerning_rate=1"], None, ["'lerning_rate'", "'learning_rate'"]),
+        "missing CLIP table": ([f"clip_embeddings_path={tmp / 'none.pt'}"], None, ["none.pt", "clip_embeddings_path"]),
+        "folder of other settings": (["--out", str(tmp / "other_settings")], None,
+                                     ["other_settings", "made with other settings", "cfg 9.0 (now 4.0)",
+                                      "another --out"]),
+        "broken samples.json": (["--out", str(tmp / "broken_meta")], None, ["broken_meta", "samples.json",
+                                                                             "not valid JSON"]),
+    }
+
+
+def test_bad_sample_inputs_end_with_one_line_naming_them(tiny, tmp_path, capsys):
     run, sd = tiny["run"], tiny["sd"]
-    for extra, match in ((["--size", "60"], "--size 60 is not a multiple of 8"),
-                         (["--classes", "1000"], r"ids must lie in \[0, 1000\)"),
-                         (["path_type=cosine"], "path_type 'cosine'")):
-        with pytest.raises(SystemExit, match=match):
-            sample.main([str(run), "--sd", str(sd), "--out", str(tmp_path / "x"), "--per-class", "1", *extra])
-    with pytest.raises(SystemExit, match="scheduler_config.json"):
-        sample.main([str(run), "--sd", str(tmp_path), "--out", str(tmp_path / "x")])
+    for name, (extra, run_dir, words) in _bad_sample_inputs(run, sd, tmp_path).items():
+        argv = [str(run_dir or run), "--sd", str(sd), "--out", str(tmp_path / "out" / name.replace(" ", "_")),
+                "--per-class", "1", "--steps", "1", "--size", "64", *extra]
+        assert_one_line(sample.main, argv, capsys, "repa-fast-sample", words)
+    assert not list(tmp_path.glob("out/*/*.png"))
+
+
+def test_sample_errors_under_a_launcher_name_the_rank(tiny, tmp_path, capsys, monkeypatch):
+    run, sd = tiny["run"], tiny["sd"]
+    argv = [str(run), "--sd", str(sd), "--out", str(tmp_path / "x"), "--per-class", "1"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    line = assert_one_line(sample.main, [*argv, "--size", "60"], capsys, "repa-fast-sample", [])
+    assert line == "repa-fast-sample: rank 1: --size 60 is not a multiple of 8 (the VAE's downsampling)"
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert_one_line(sample.main, argv, capsys, "repa-fast-sample",
+                    ["repa-fast-sample: rank 1: WORLD_SIZE=2 but ['MASTER_ADDR', 'MASTER_PORT'] not set"])
+    monkeypatch.setenv("RANK", "2")
+    assert_one_line(sample.main, argv, capsys, "repa-fast-sample",
+                    ["repa-fast-sample: rank 2: RANK=2 is not in [0, WORLD_SIZE=2)"])
+
+
+@pytest.mark.slow
+def test_two_ranks_refusing_bad_classes_print_one_line_each(tiny, tmp_path):
+    # in a process group (gloo), both ranks refuse the same bad --classes: one line each, named, and no hang
+    argv = [str(tiny["run"]), "--sd", str(tiny["sd"]), "--out", str(tmp_path / "x"), "--per-class", "1"]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "repa_fast.sample", *argv, "--classes", "1000"]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=300)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 1 and "Traceback" not in err and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"repa-fast-sample: rank {rank}: --classes '1000': ids must lie in"), lines
 
 
 @pytest.mark.parametrize("module", ["repa_fast.sample", "repa_fast.fid", "repa_fast.report"])
@@ -239,8 +314,6 @@ def test_report_shows_every_part_it_finds(tiny, tmp_path):
     from repa_fast import evaluate, fid, report
 
     run = tiny["run"]
-    with pytest.raises(SystemExit, match="no config.json"):
-        report.main([str(tmp_path)])
     # a bare run folder: the page names what is absent and how to make it
     bare = report.build_report(run, out=tmp_path / "bare")
     text = bare.read_text()
@@ -274,3 +347,46 @@ def test_report_shows_every_part_it_finds(tiny, tmp_path):
             assert im.size[0] > 100
     assert f"{fid_value:.3e}" in text or f"{fid_value:.4f}" in text
     assert "<td>clip_embeddings_path</td>" in text and "<td>ema</td>" in text
+
+
+def test_bad_report_inputs_end_with_one_line_naming_them(tmp_path, capsys):
+    from repa_fast import report
+
+    def run_folder(name: str, config: str = "{}") -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(config)
+        return folder
+
+    log = run_folder("bad_log")
+    (log / "train_log.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": \n')
+    no_step = run_folder("no_step")
+    (no_step / "train_log.jsonl").write_text('{"loss": 0.5}\n')
+    metrics = run_folder("bad_metrics")
+    (metrics / "eval").mkdir()
+    (metrics / "eval" / "metrics.json").write_text("[1, 2]")
+    samples = run_folder("bad_samples")
+    (samples / "samples" / "a").mkdir(parents=True)
+    (samples / "samples" / "a" / "samples.json").write_text(json.dumps({"classes": [0], "per_class": 1}))
+    (samples / "samples" / "a" / sample.png_name(0, 0)).write_bytes(b"not a png")
+    fid_json = run_folder("bad_fid")
+    (fid_json / "samples" / "a").mkdir(parents=True)
+    (fid_json / "samples" / "a" / "samples.json").write_text(json.dumps({"classes": [], "per_class": 0}))
+    (fid_json / "samples" / "a" / "fid.json").write_text("{nope")
+    cases = {
+        "missing run folder": ([str(tmp_path / "nothing")], ["nothing", "no config.json"]),
+        "config not JSON": ([str(run_folder("bad_config", "{oops"))], ["config.json", "not valid JSON"]),
+        "broken log line": ([str(log)], ["train_log.jsonl:2", "not a JSON record", "fix or delete that line"]),
+        "log record without step": ([str(no_step)], ["train_log.jsonl:1", "'step'"]),
+        "metrics.json not an object": ([str(metrics)], ["metrics.json", "JSON list", "repa-fast-evaluate"]),
+        "unreadable sample image": ([str(samples)], [sample.png_name(0, 0), "not a readable image"]),
+        "fid JSON broken": ([str(fid_json)], ["fid.json", "not valid JSON", "repa-fast-fid"]),
+        "missing --eval-dir": ([str(run_folder("ok")), "--eval-dir", str(tmp_path / "no_eval")],
+                               ["--eval-dir", "no_eval", "no such folder"]),
+        "missing --samples": ([str(tmp_path / "ok"), "--samples", str(tmp_path / "no_set")],
+                              ["--samples", "no_set", "no such folder"]),
+        "--grid-images 0": ([str(tmp_path / "ok"), "--grid-images", "0"], ["--grid-images 0", "at least 1"]),
+    }
+    for name, (argv, words) in cases.items():
+        assert_one_line(report.main, [*argv, "--out", str(tmp_path / "report" / name.replace(" ", "_"))], capsys,
+                        "repa-fast-report", words)

@@ -282,5 +282,10 @@ def load_clip_prompts(path: str | os.PathLike) -> list[str] | None:
     side = Path(str(path) + ".json")
     if not side.is_file():
         return None
-    prompts = json.loads(side.read_text(encoding="utf-8")).get("prompts")
+    try:
+        values = json.loads(side.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise CacheError(f"{side}: not valid JSON ({err}); rebuild it with repa-fast-prepare-clip or delete it "
+                         f"(the prompts only label plots)") from None
+    prompts = values.get("prompts") if isinstance(values, dict) else None
     return prompts if isinstance(prompts, list) else None
