@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_testing import FP32_RTOL, assert_close, float64_oracle, outputs_and_grads, rel_err, tolerance
 
 from repa_fast.kernels import align_loss as align_loss_module
 from repa_fast.kernels import aot
@@ -18,16 +19,9 @@ from repa_fast.losses import alignment_losses, manifold_gram_loss, token_loss
 
 FLAGS = [(False, False), (True, False), (False, True), (True, True)]  # (upper_only, mask_diag)
 
-# (loss rtol, dx rtol) by x's dtype. The kernels compute in fp32 from the stored input values, so the
-# losses (fp32 scalars) are held to 1e-5 for every input dtype. dx is stored in x's dtype: rounding to
-# nearest leaves each element within the unit roundoff u of the dtype (fp16: 2^-11, bf16: 2^-8), so the
-# relative norm error is below u; the tolerance is 2u.
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-5, 2 * 2.0**-11),
-    torch.bfloat16: (1e-5, 2 * 2.0**-8),
-}
-# Besides the relative 1e-5, each loss may be off by what a small absolute error in the quantities it
+# The kernels compute in fp32 from the stored input values, so the losses (fp32 scalars) are held to
+# FP32_RTOL for every input dtype; dx is stored in x's dtype: tolerance(x.dtype) (two roundings).
+# Besides the relative tolerance, each loss may be off by what a small absolute error in the quantities it
 # averages makes of it, since either loss can be ~0 (B = 1 without mask_diag: G_x = G_y = [[1]]) and
 # then a relative error means nothing. L_token = 1 - mean cos: cosines to COS_ATOL. L_manifold is a mean
 # of squared Gram differences d: an error e in each entry moves it by at most 2 sqrt(L) e + e^2.
@@ -35,28 +29,9 @@ COS_ATOL = 1e-6  # a few fp32 ulps of 1
 GRAM_ATOL = 1e-6
 
 
-def token_loss_tol(expected: torch.Tensor, rtol: float) -> float:
-    return rtol * abs(expected.item()) + COS_ATOL
-
-
-def manifold_loss_tol(expected: torch.Tensor, rtol: float) -> float:
-    return rtol * abs(expected.item()) + GRAM_ATOL * (2 * abs(expected.item()) ** 0.5 + GRAM_ATOL)
-
-
-def assert_losses_close(lt, lm, rt, rm, rtol):
-    assert abs(lt.item() - rt.item()) <= token_loss_tol(rt, rtol), f"L_token: {lt.item()} vs {rt.item()}"
-    assert abs(lm.item() - rm.item()) <= manifold_loss_tol(rm, rtol), f"L_manifold: {lm.item()} vs {rm.item()}"
-
-
-class _Float64Reference(torch.Tensor):
-    """A float64 tensor whose ``.float()`` keeps float64, so that the reference (which calls ``.float()``
-    on its inputs) runs in float64 on float64 copies."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.float and args[0].dtype == torch.float64:
-            return args[0]
-        return super().__torch_function__(func, types, args, kwargs or {})
+def loss_atol(expected_manifold: torch.Tensor) -> dict[str, float]:
+    return {"L_token": COS_ATOL,
+            "L_manifold": GRAM_ATOL * (2 * abs(expected_manifold.item()) ** 0.5 + GRAM_ATOL)}
 
 
 def upstream(B: int, N: int, generator: torch.Generator) -> torch.Tensor:
@@ -65,41 +40,35 @@ def upstream(B: int, N: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(2, generator=generator, dtype=torch.float64) * (B * N)
 
 
+def reference_losses(x, y, upper_only, mask_diag):
+    return token_loss(x, y), manifold_gram_loss(x, y, upper_only, mask_diag)
+
+
 def reference(x, y, upper_only, mask_diag, grads):
     """(L_token, L_manifold, dx) of repa_fast.losses evaluated in float64."""
-    leaf = x.detach().double().requires_grad_()
-    x64 = leaf.as_subclass(_Float64Reference)
-    y64 = y.detach().double().as_subclass(_Float64Reference)
-    lt, lm = token_loss(x64, y64), manifold_gram_loss(x64, y64, upper_only, mask_diag)
-    assert lt.dtype == lm.dtype == torch.float64  # the reference really ran in float64
-    (dx,) = torch.autograd.grad((lt, lm), leaf, (grads[0], grads[1]))
-    return lt.as_subclass(torch.Tensor), lm.as_subclass(torch.Tensor), dx.as_subclass(torch.Tensor)
+    (lt, lm), (dx,) = float64_oracle(reference_losses, (x, y, upper_only, mask_diag), [0], grads)
+    return lt, lm, dx
 
 
 def fused(x, y, upper_only, mask_diag, grads):
-    x = x.detach().requires_grad_()  # keeps x's strides
-    lt, lm = align_loss(x, y, upper_only, mask_diag)
+    (lt, lm), (dx,) = outputs_and_grads(align_loss, (x, y, upper_only, mask_diag), [0], grads)
     assert lt.dtype == lm.dtype == torch.float32 and lt.ndim == lm.ndim == 0
-    (dx,) = torch.autograd.grad((lt, lm), x, (grads[0].float(), grads[1].float()))
     assert dx.dtype == x.dtype and dx.shape == x.shape
     return lt, lm, dx
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.detach().double(), expected.detach().double()
-    return ((a - e).norm() / e.norm()).item()
+def assert_losses_close(lt, lm, rt, rm, rtol=FP32_RTOL):
+    assert_close({"L_token": lt, "L_manifold": lm}, {"L_token": rt, "L_manifold": rm}, rtol, loss_atol(rm))
 
 
 def check(x, y, upper_only, mask_diag, generator, dx_rtol=None):
     """Run both on the same inputs and upstream gradients; assert finite outputs and agreement."""
-    loss_rtol, dtype_dx_rtol = TOLERANCES[x.dtype]
-    dx_rtol = dx_rtol or dtype_dx_rtol
     grads = upstream(x.shape[0], x.shape[1], generator)
     lt, lm, dx = fused(x, y, upper_only, mask_diag, grads)
     rt, rm, rdx = reference(x, y, upper_only, mask_diag, grads)
-    assert torch.isfinite(lt) and torch.isfinite(lm) and torch.isfinite(dx).all()
-    assert_losses_close(lt, lm, rt, rm, loss_rtol)
-    assert rel_err(dx, rdx) <= dx_rtol, f"dx: relative norm error {rel_err(dx, rdx):.2e} > {dx_rtol:.0e}"
+    assert_close({"L_token": lt, "L_manifold": lm, "dx": dx}, {"L_token": rt, "L_manifold": rm, "dx": rdx},
+                 {"L_token": FP32_RTOL, "L_manifold": FP32_RTOL, "dx": dx_rtol or tolerance(x.dtype)},
+                 loss_atol(rm))
 
 
 def tokens(shape, dtype, generator):
@@ -157,12 +126,12 @@ def test_zero_norm_rows():
     for upper_only, mask_diag in FLAGS:
         lt, lm, dx = fused(x, y, upper_only, mask_diag, grads)
         rt, rm, rdx = reference(x, y, upper_only, mask_diag, grads)
-        assert torch.isfinite(lt) and torch.isfinite(lm) and torch.isfinite(dx).all()
-        assert_losses_close(lt, lm, rt, rm, 1e-5)
+        assert torch.isfinite(dx).all()
+        assert_losses_close(lt, lm, rt, rm)
         # A (near-)zero row's gradient is v / eps (F.normalize's clamp), up to 1e23 times the others:
         # compare row by row so that no row hides another.
         row_err = (dx.double() - rdx).norm(dim=-1) / rdx.norm(dim=-1)
-        assert row_err.max() <= 1e-5, f"worst row {divmod(row_err.argmax().item(), N)}: {row_err.max():.2e}"
+        assert row_err.max() <= FP32_RTOL, f"worst row {divmod(row_err.argmax().item(), N)}: {row_err.max():.2e}"
 
 
 def test_width_one():
@@ -175,16 +144,14 @@ def test_width_one():
     for upper_only, mask_diag in FLAGS:
         lt, lm, dx = fused(x, y, upper_only, mask_diag, grads)
         rt, rm, _ = reference(x, y, upper_only, mask_diag, grads)
-        assert_losses_close(lt, lm, rt, rm, 1e-5)
+        assert_losses_close(lt, lm, rt, rm)
         assert torch.isfinite(dx).all()
 
 
 def fp32_reference_dx_error(x, y, upper_only, mask_diag, generator) -> float:
     """Relative error of the fp32 PyTorch reference's dx against float64: how well fp32 can do on this draw."""
     grads = upstream(x.shape[0], x.shape[1], generator)
-    leaf = x.detach().clone().requires_grad_()
-    losses = token_loss(leaf, y), manifold_gram_loss(leaf, y, upper_only, mask_diag)
-    (dx,) = torch.autograd.grad(losses, leaf, (grads[0].float(), grads[1].float()))
+    _, (dx,) = outputs_and_grads(reference_losses, (x, y, upper_only, mask_diag), [0], grads)
     return rel_err(dx, reference(x, y, upper_only, mask_diag, grads)[2])
 
 
@@ -199,7 +166,7 @@ def test_drawn_shapes(B, N, D, upper_only, mask_diag, seed):
     x = tokens((B, N, D), torch.float32, torch.Generator().manual_seed(seed))
     y = tokens((B, N, D), torch.float32, torch.Generator().manual_seed(seed + 1))
     fp32_error = fp32_reference_dx_error(x, y, upper_only, mask_diag, torch.Generator().manual_seed(seed))
-    check(x, y, upper_only, mask_diag, torch.Generator().manual_seed(seed), dx_rtol=max(1e-5, 2 * fp32_error))
+    check(x, y, upper_only, mask_diag, torch.Generator().manual_seed(seed), dx_rtol=max(FP32_RTOL, 2 * fp32_error))
 
 
 def test_alignment_losses_switch():
@@ -214,8 +181,8 @@ def test_alignment_losses_switch():
         results[kernels] = (lt, lm, x.grad, type(lt.grad_fn).__name__)
     assert "AlignLossFunction" in results["triton"][3] and "AlignLossFunction" not in results["torch"][3]
     (lt, lm, dx, _), (rt, rm, rdx, _) = results["triton"], results["torch"]
-    assert_losses_close(lt, lm, rt, rm, 1e-5)
-    assert rel_err(dx, rdx) <= 1e-5
+    assert_close({"L_token": lt, "L_manifold": lm, "dx": dx}, {"L_token": rt, "L_manifold": rm, "dx": rdx},
+                 FP32_RTOL, loss_atol(rm))
 
 
 def test_saves_only_small_tensors():
@@ -301,7 +268,7 @@ def test_real_shape_bf16_gpu(y_dtype):
     for upper_only, mask_diag in FLAGS:
         lt, lm, dx = fused(x, y, upper_only, mask_diag, grads)
         rt, rm, rdx = reference(x, y, upper_only, mask_diag, grads)
-        assert_losses_close(lt, lm, rt, rm, 1e-5)
-        assert rel_err(dx, rdx) <= TOLERANCES[torch.bfloat16][1]
+        assert_close({"L_token": lt, "L_manifold": lm, "dx": dx}, {"L_token": rt, "L_manifold": rm, "dx": rdx},
+                     {"L_token": FP32_RTOL, "L_manifold": FP32_RTOL, "dx": tolerance(torch.bfloat16)}, loss_atol(rm))
         again = fused(x, y, upper_only, mask_diag, grads)  # deterministic: bitwise the same
         assert all(torch.equal(a, b) for a, b in zip((lt, lm, dx), again, strict=True))

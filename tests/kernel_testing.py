@@ -1,0 +1,90 @@
+"""What the kernel tests share: the relative error, the tolerance of each dtype and the float64 oracle.
+
+A fused op is checked against its PyTorch reference evaluated in float64 on the same (already rounded)
+inputs with the same upstream gradients: outputs AND gradients, each by relative norm error
+
+    rel_err(actual, expected) = |actual - expected| / |expected|      (norms over all elements, in float64)
+
+so one number per tensor, independent of its size. The tolerance of a result follows from the dtype it
+is stored in: rounding to nearest leaves each element within the unit roundoff u of that dtype, so a
+result that went through k roundings of its own dtype is within ~k u; fp32 arithmetic inside a kernel
+(reductions of a few thousand terms) stays below FP32_RTOL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+# Unit roundoff (half the machine epsilon) of each storage dtype.
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+FP32_RTOL = 1e-5  # what fp32 accumulation in a kernel reaches at the tested sizes (observed ~2e-7)
+
+
+def tolerance(dtype: torch.dtype, roundings: int = 2) -> float:
+    """Relative norm tolerance of a result stored in ``dtype`` after ``roundings`` roundings to that dtype."""
+    return max(FP32_RTOL, roundings * UNIT_ROUNDOFF[dtype])
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """|actual - expected| / |expected| in float64 (norms over all elements); 0 when both are zero."""
+    a, e = actual.detach().double(), expected.detach().to(device=actual.device, dtype=torch.float64)
+    diff, scale = (a - e).norm().item(), e.norm().item()
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def outputs_and_grads(fn: Callable, args: Sequence, wrt: Sequence[int],
+                      upstream: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(outputs of ``fn(*args)``, gradients of the arguments at positions ``wrt``).
+
+    The ``wrt`` arguments become fresh leaves (``detach()`` keeps their strides, so a non-contiguous input
+    stays one); the outputs are back-propagated with ``upstream`` (one gradient per output, cast to its
+    dtype and device).
+    """
+    args = list(args)
+    for i in wrt:
+        args[i] = args[i].detach().requires_grad_()
+    outputs = fn(*args)
+    outputs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+    if len(upstream) != len(outputs):
+        raise ValueError(f"outputs_and_grads: {len(outputs)} outputs but {len(upstream)} upstream gradients")
+    grads = torch.autograd.grad(outputs, [args[i] for i in wrt],
+                                [g.to(device=o.device, dtype=o.dtype) for g, o in zip(upstream, outputs, strict=True)])
+    return tuple(o.detach() for o in outputs), grads
+
+
+def float64_oracle(fn: Callable, args: Sequence, wrt: Sequence[int],
+                   upstream: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """``outputs_and_grads`` of the reference ``fn`` on float64 copies of the floating-point tensor arguments
+    (other arguments pass through), asserting that the reference really computed in float64."""
+    args64 = [a.detach().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    outputs, grads = outputs_and_grads(fn, args64, wrt, upstream)
+    dtypes = [t.dtype for t in outputs + grads]
+    assert all(d == torch.float64 for d in dtypes), f"the reference did not run in float64: {dtypes}"
+    return outputs, grads
+
+
+def assert_close(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                 rtol: float | Mapping[str, float], atol: Mapping[str, float] | None = None) -> None:
+    """Each named ``actual`` is finite, has ``expected``'s shape and differs from it by at most
+    ``rtol |expected| + atol[name]`` (norms in float64; atol 0 unless given): a relative norm error within
+    rtol, plus an absolute allowance for results that can be ~0, where a relative error means nothing.
+    Names every tensor that is not close."""
+    assert actual.keys() == expected.keys(), (sorted(actual), sorted(expected))
+    atol = atol or {}
+    bad = {}
+    for name, a in actual.items():
+        e = expected[name].detach().to(device=a.device, dtype=torch.float64)
+        assert a.shape == e.shape, f"{name}: shape {list(a.shape)}, expected {list(e.shape)}"
+        assert torch.isfinite(a).all(), f"{name}: not finite"
+        tol = rtol[name] if isinstance(rtol, Mapping) else rtol
+        diff, scale = (a.detach().double() - e).norm().item(), e.norm().item()
+        if not diff <= tol * scale + atol.get(name, 0.0):
+            bad[name] = f"|diff| {diff:.3e} > {tol:.1e} * |expected| {scale:.3e} + {atol.get(name, 0.0):.1e}"
+    assert not bad, f"not close to the float64 reference: {bad}"
