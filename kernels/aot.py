@@ -1,19 +1,139 @@
 """Ahead-of-time compile of a Triton kernel for the H200 (sm_90a), no GPU needed.
 
-Used by the tests that check GPU code on CPU machines: registers, spills and stack from
-``ptxas -v``, shared memory from Triton's metadata, and whether the SASS holds HGMMA (wgmma) where
-the kernel multiplies matrices. The ptxas and cuobjdump are those Triton's wheel bundles.
+Used by the tests that check GPU code on CPU machines. Two halves:
+
+- What the JIT would compile: ``record_launches()`` runs an op's host code (on meta tensors: nothing is
+  allocated or launched) and records every ``kernel[grid](...)`` call; ``launch_spec`` turns one recorded
+  launch into the signature, constexprs and integer divisibility hints that Triton's JIT specialises on
+  (pointers 16-byte aligned, integers equal to 1 made constants, integers divisible by 16 marked so).
+  Any op's kernels go through the same two functions, so a test compiles exactly what the host launches.
+- What the compiler made of it: ``compile_for_h200`` compiles for GPUTarget("cuda", 90, 32) and reads
+  registers, spills and stack from ``ptxas -v``, shared memory from Triton's metadata, and from the SASS
+  whether matrix work runs on HGMMA (wgmma) and which global loads/stores are narrower than 32 bits,
+  inside the loops that run HGMMA (a GEMM's main loop) and anywhere. ptxas and cuobjdump are those
+  Triton's wheel bundles.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import math
 import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 H200_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
+H200_SMS = 132  # streaming multiprocessors of an H200 (SXM)
+_POINTER_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int32": "i32",
+                  "int64": "i64", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+# --------------------------------------------------------------------------------------------------
+# What the host launches.
+
+
+@dataclass
+class Launch:
+    """One recorded ``kernel[grid](**kwargs)`` call."""
+
+    kernel: object  # the @triton.jit function (or its interpreted twin under TRITON_INTERPRET=1)
+    grid: tuple[int, ...]
+    kwargs: dict  # every argument by name, num_warps / num_stages included
+
+    @property
+    def fn(self):
+        return getattr(self.kernel, "fn", self.kernel)
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[Launch]]:
+    """Inside, ``kernel[grid](...)`` records the launch (kernel, grid, arguments by name) instead of running it.
+
+    Run an op's host functions on meta tensors inside to get the launches a real call makes, in order.
+    Positional launch arguments are bound to their parameter names.
+    """
+    from triton.runtime.jit import KernelInterface
+
+    launches: list[Launch] = []
+    original = KernelInterface.__getitem__
+
+    def recording_getitem(kernel, grid):
+        def record(*args, **kwargs):
+            fn = getattr(kernel, "fn", kernel)
+            bound = inspect.signature(fn).bind_partial(*args)
+            launches.append(Launch(kernel, tuple(int(g) for g in grid), {**bound.arguments, **kwargs}))
+
+        return record
+
+    KernelInterface.__getitem__ = recording_getitem
+    try:
+        yield launches
+    finally:
+        KernelInterface.__getitem__ = original
+
+
+def _is_constexpr(param: inspect.Parameter) -> bool:
+    return "constexpr" in str(param.annotation)
+
+
+def launch_spec(launch: Launch) -> dict:
+    """The compile spec of one launch as the JIT specialises it: ``module``, ``kernel`` (names),
+    ``signature``, ``constexprs``, ``divisible`` (integer arguments marked divisible by 16), ``num_warps``,
+    ``num_stages`` and ``grid``; the keyword arguments of ``compile_for_h200_isolated`` plus the grid."""
+    args = dict(launch.kwargs)
+    num_warps, num_stages = args.pop("num_warps", 4), args.pop("num_stages", 3)
+    signature, constexprs, divisible = {}, {}, []
+    params = inspect.signature(launch.fn).parameters
+    unknown = set(args) - set(params)
+    if unknown:
+        raise TypeError(f"{launch.name}: launched with unknown arguments {sorted(unknown)}")
+    for name, param in params.items():
+        if name in args:
+            value = args[name]
+        elif param.default is not inspect.Parameter.empty:
+            value = param.default
+        else:
+            raise TypeError(f"{launch.name}: argument {name!r} missing from the launch")
+        if _is_constexpr(param) or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        elif hasattr(value, "dtype") and hasattr(value, "data_ptr"):  # a tensor: a pointer, 16-byte aligned
+            signature[name] = "*" + _POINTER_TYPES[str(value.dtype).removeprefix("torch.")]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:  # the JIT makes an integer equal to 1 a constant
+                signature[name], constexprs[name] = "constexpr", 1
+            else:
+                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    divisible.append(name)
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{launch.name}: argument {name!r} of type {type(value).__name__}")
+    return {"module": launch.fn.__module__, "kernel": launch.name, "signature": signature, "constexprs": constexprs,
+            "divisible": tuple(divisible), "num_warps": num_warps, "num_stages": num_stages, "grid": launch.grid}
+
+
+def waves(programs: int, sms: int = H200_SMS) -> float:
+    """Programs per SM of one launch: below 1 part of the GPU idles; at 2 and above the tail is short."""
+    return programs / sms
+
+
+# --------------------------------------------------------------------------------------------------
+# What the compiler made of it.
 
 
 @dataclass
@@ -26,10 +146,37 @@ class KernelReport:
     shared: int
     hgmma: bool
     ptxas_log: str
+    # SASS global loads/stores narrower than 32 bits ("address opcode"): inside a loop that runs HGMMA, anywhere
+    narrow_in_mma_loop: list[str] = field(default_factory=list)
+    narrow_global: list[str] = field(default_factory=list)
 
     @property
     def spills(self) -> int:
         return self.spill_stores + self.spill_loads
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_GLOBAL_ACCESS = ("LDG", "STG", "LDGSTS", "ATOMG", "RED")
+_NARROW = {"U8", "S8", "U16", "S16"}
+
+
+def narrow_global_accesses(sass: str) -> tuple[list[str], list[str]]:
+    """(inside loops that contain HGMMA, anywhere): the global loads/stores of fewer than 32 bits in ``sass``.
+
+    A loop is a backward branch ``BRA target`` and the instructions from its target to it.
+    """
+    instructions = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_LINE.finditer(sass)]
+    narrow = [(addr, op) for addr, op, _ in instructions
+              if op.split(".")[0] in _GLOBAL_ACCESS and _NARROW & set(op.split(".")[1:])]
+    loops = []
+    for addr, op, operands in instructions:
+        target = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    mma_loops = [(lo, hi) for lo, hi in loops
+                 if any(lo <= addr <= hi and op.startswith("HGMMA") for addr, op, _ in instructions)]
+    in_loops = [f"{addr:#06x} {op}" for addr, op in narrow if any(lo <= addr <= hi for lo, hi in mma_loops)]
+    return in_loops, [f"{addr:#06x} {op}" for addr, op in narrow]
 
 
 def compile_for_h200(fn, signature: dict, constexprs: dict | None = None, num_warps: int = 4,
@@ -51,7 +198,8 @@ def compile_for_h200(fn, signature: dict, constexprs: dict | None = None, num_wa
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
-    ptxas = get_ptxas(90).path
+    ptxas = get_ptxas(90)
+    ptxas = getattr(ptxas, "path", ptxas)  # a path object since Triton 3.4, a string before
     cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
@@ -68,6 +216,7 @@ def compile_for_h200(fn, signature: dict, constexprs: dict | None = None, num_wa
         m = re.search(pattern, log)
         return int(m.group(1)) if m else 0
 
+    in_loops, anywhere = narrow_global_accesses(sass)
     return KernelReport(
         name=fn.__name__,
         registers=number(r"Used (\d+) registers"),
@@ -77,6 +226,8 @@ def compile_for_h200(fn, signature: dict, constexprs: dict | None = None, num_wa
         shared=int(compiled.metadata.shared),
         hgmma="HGMMA" in sass,
         ptxas_log=log,
+        narrow_in_mma_loop=in_loops,
+        narrow_global=anywhere,
     )
 
 
@@ -100,6 +251,12 @@ def compile_for_h200_isolated(module: str, kernel: str, signature: dict, constex
     if proc.returncode != 0:
         raise RuntimeError(f"AOT compile of {module}.{kernel} for sm_90 failed:\n{proc.stderr[-4000:]}")
     return KernelReport(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def compile_spec_isolated(spec: dict, timeout: float = 600) -> KernelReport:
+    """``compile_for_h200_isolated`` of a ``launch_spec``."""
+    return compile_for_h200_isolated(spec["module"], spec["kernel"], spec["signature"], spec["constexprs"],
+                                     spec["num_warps"], spec["num_stages"], timeout, spec["divisible"])
 
 
 def _main(argv: list[str]) -> None:
