@@ -197,6 +197,61 @@ def test_rejects_groups_too_wide_for_one_tile():
 
 
 # ---------------------------------------------------------------------------------------------------
+# The custom ops: torch.library's own checks, and torch.compile holding the op as one node.
+
+
+def small_inputs(dtype=torch.float32, seed=3):
+    """(feat, conv_weight, gn_weight, gn_bias, upstream grad) of a small head: 16 channels -> D=32, 8 groups,
+    4x4 map -> 8x8 grid; leaves that require grad."""
+    ref, feat, grad = make_case(2, 16, 32, 8, (4, 4), 8, dtype, seed=seed)
+    conv, norm = ref.proj[0], ref.proj[1]
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (feat, conv.weight, norm.weight, norm.bias)]
+    return (*leaves, grad)
+
+
+def test_opcheck():
+    feat, w, gamma, beta, grad = small_inputs()
+    torch.library.opcheck(torch.ops.repa_fast.align_head.default, (feat, w, gamma, beta, 8, [8, 8], 1e-5))
+    with torch.no_grad():
+        _, x_hat, _, rstd, tok_rstd = torch.ops.repa_fast.align_head(feat, w, gamma, beta, 8, [8, 8], 1e-5)
+    for need_dfeat, need_dweight in ((True, True), (False, False)):
+        torch.library.opcheck(torch.ops.repa_fast.align_head_backward.default,
+                              (grad, feat.detach(), w.detach(), gamma.detach(), beta.detach(), x_hat, rstd,
+                               tok_rstd, 8, [8, 8], need_dfeat, need_dweight))
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    def loss_fn(feat, w, gamma, beta, grad):
+        return (align_head(feat, w, gamma, beta, 8, (8, 8)) * grad).sum()
+
+    *leaves, grad = small_inputs()
+    explain = torch._dynamo.explain(loss_fn)(*leaves, grad)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        for t in leaves:
+            t.grad = None
+        loss = fn(*leaves, grad)
+        loss.backward()
+        results.append([loss.detach(), *(t.grad for t in leaves)])
+    for name, eager, compiled in zip(("loss", "dfeat", "dconv", "dgamma", "dbeta"), *results, strict=True):
+        assert torch.equal(eager, compiled), name  # the same kernels in the same order
+
+
+def test_gradients_only_where_needed():
+    # The backward op skips the dX and dW GEMMs for inputs that need no gradient; the others are unchanged.
+    feat, w, gamma, beta, grad = small_inputs()
+    align_head(feat, w, gamma, beta, 8, (8, 8)).backward(grad)
+    full = (gamma.grad, beta.grad)
+    feat.grad = w.grad = gamma.grad = beta.grad = None
+    feat.requires_grad_(False)
+    w.requires_grad_(False)
+    align_head(feat, w, gamma, beta, 8, (8, 8)).backward(grad)
+    assert feat.grad is None and w.grad is None
+    assert torch.equal(gamma.grad, full[0]) and torch.equal(beta.grad, full[1])
+
+
+# ---------------------------------------------------------------------------------------------------
 # H200 build, checked ahead of time on CPU: the real shapes, bf16, exactly the launches the host code makes
 # (recorded from a forward + backward on meta tensors). "mid" is the issue's shape (8x8 -> 16x16);
 # "dec_first" is SD-1.5's up_blocks.0 (16x16, no upsample).
