@@ -144,7 +144,8 @@ class KernelReport:
     spill_loads: int
     stack: int
     shared: int
-    hgmma: bool
+    dot: bool  # the kernel multiplies matrices (tl.dot: tt.dot in its Triton IR)
+    hgmma: bool  # ... and the SASS runs HGMMA (wgmma)
     ptxas_log: str
     # SASS global loads/stores narrower than 32 bits ("address opcode"): inside a loop that runs HGMMA, anywhere
     narrow_in_mma_loop: list[str] = field(default_factory=list)
@@ -224,6 +225,7 @@ def compile_for_h200(fn, signature: dict, constexprs: dict | None = None, num_wa
         spill_loads=number(r"(\d+) bytes spill loads"),
         stack=number(r"(\d+) bytes stack frame"),
         shared=int(compiled.metadata.shared),
+        dot="tt.dot" in compiled.asm["ttir"],
         hgmma="HGMMA" in sass,
         ptxas_log=log,
         narrow_in_mma_loop=in_loops,
@@ -233,8 +235,9 @@ def compile_for_h200(fn, signature: dict, constexprs: dict | None = None, num_wa
 
 def compile_for_h200_isolated(module: str, kernel: str, signature: dict, constexprs: dict | None = None,
                               num_warps: int = 4, num_stages: int = 3, timeout: float = 600,
-                              divisible: tuple[str, ...] = ()) -> KernelReport:
-    """``compile_for_h200`` in a child process without TRITON_INTERPRET.
+                              divisible: tuple[str, ...] = (), pythonpath: str | None = None) -> KernelReport:
+    """``compile_for_h200`` in a child process without TRITON_INTERPRET (``pythonpath``: a folder put first
+    on its path, where ``module`` lives if it is not importable otherwise).
 
     Under the interpreter ``@triton.jit`` yields interpreted functions that cannot be compiled, and
     the switch is read at import time, so CPU test runs compile their kernels in a fresh interpreter.
@@ -246,6 +249,8 @@ def compile_for_h200_isolated(module: str, kernel: str, signature: dict, constex
                        "constexprs": constexprs or {}, "num_warps": num_warps, "num_stages": num_stages,
                        "divisible": list(divisible)})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "repa_fast.kernels.aot", spec], capture_output=True,
                           text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -257,6 +262,25 @@ def compile_spec_isolated(spec: dict, timeout: float = 600) -> KernelReport:
     """``compile_for_h200_isolated`` of a ``launch_spec``."""
     return compile_for_h200_isolated(spec["module"], spec["kernel"], spec["signature"], spec["constexprs"],
                                      spec["num_warps"], spec["num_stages"], timeout, spec["divisible"])
+
+
+def h200_problems(spec: dict, report: KernelReport, min_waves: float | None = 2.0) -> list[str]:
+    """What is wrong with one kernel's H200 build (empty: nothing): spills, shared memory above the limit,
+    tl.dot not on HGMMA, global loads/stores narrower than 32 bits in a loop that runs HGMMA (a GEMM's main
+    loop), and fewer than ``min_waves`` waves of programs on the 132 SMs (None: not checked)."""
+    problems = []
+    if report.spills:
+        problems.append(f"spills {report.spill_stores} B stored, {report.spill_loads} B loaded")
+    if report.shared > H200_SHARED_LIMIT:
+        problems.append(f"shared memory {report.shared} B > {H200_SHARED_LIMIT} B")
+    if report.dot and not report.hgmma:
+        problems.append("tl.dot did not lower to HGMMA (wgmma)")
+    if report.narrow_in_mma_loop:
+        problems.append(f"narrow global accesses in the GEMM main loop: {report.narrow_in_mma_loop[:8]}")
+    programs = math.prod(spec["grid"])
+    if min_waves is not None and waves(programs) < min_waves:
+        problems.append(f"{programs} programs: {waves(programs):.2f} waves < {min_waves}")
+    return problems
 
 
 def _main(argv: list[str]) -> None:

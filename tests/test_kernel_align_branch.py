@@ -9,12 +9,16 @@ error, with the same random upstream gradients of (L_token, L_manifold).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from kernel_testing import FP32_RTOL, assert_close, float64_oracle, outputs_and_grads, tolerance
+from test_kernel_align_head import SHAPES, recorded_launches
 
-from repa_fast.kernels.align_branch import MAX_BATCH, align_branch_loss
+import repa_fast.kernels.align_branch as kab
+from repa_fast.kernels import aot
+from repa_fast.kernels.align_branch import MAX_BATCH, align_branch_backward, align_branch_forward, align_branch_loss
 from repa_fast.losses import manifold_gram_loss, token_loss
 from repa_fast.models.align_head import AlignHead
 
@@ -193,3 +197,63 @@ def test_torch_compile_fullgraph_equals_eager():
         results.append([loss.detach(), *(t.grad for t in leaves)])
     for name, eager, compiled in zip(("loss", "dfeat", "dconv", "dgamma", "dbeta"), *results, strict=True):
         assert torch.equal(eager, compiled), name  # the same kernels in the same order
+
+
+# ---------------------------------------------------------------------------------------------------
+# H200 build, checked ahead of time on CPU at the real shapes (those of test_kernel_align_head.py: 8x8 -> 16x16
+# and 16x16 without resampling), bf16 head, fp16 DINO tokens: the launches of one forward + backward.
+
+BRANCH_KERNELS = sorted(name for name in vars(kab) if name.startswith("_align_branch") and name.endswith("_kernel"))
+HEAD_KERNELS_USED = ["_align_head_bwd_map_kernel", "_align_head_dw_kernel", "_align_head_dx_kernel",
+                     "_align_head_proj_kernel", "_align_head_reduce_kernel"]
+# The [B, B] stage: D / 64 programs for the partial Grams and one for the losses, microseconds of work that
+# B = 48 samples cannot spread over two waves.
+SMALL_GRID = {"_align_branch_gram_partial_kernel", "_align_branch_loss_kernel"}
+
+
+def recorded_branch_launches(batch, in_ch, map_hw, grid, D, num_groups, dtype=torch.bfloat16):
+    meta = torch.device("meta")
+    feat = torch.empty(batch, in_ch, *map_hw, dtype=dtype, device=meta)
+    w = torch.empty(D, in_ch, 1, 1, dtype=dtype, device=meta)
+    gamma, beta = torch.empty(D, dtype=dtype, device=meta), torch.empty(D, dtype=dtype, device=meta)
+    y = torch.empty(batch, grid[0] * grid[1], D, dtype=torch.float16, device=meta)
+    with aot.record_launches() as launches:
+        lt, lm, *saved = align_branch_forward(feat, w, gamma, beta, num_groups, grid, 1e-5, y, False, True)
+        align_branch_backward(torch.empty_like(lt), torch.empty_like(lm), feat, w, gamma, beta, y, *saved,
+                              num_groups, grid)
+    return launches
+
+
+BRANCH_SPECS = {shape: [aot.launch_spec(launch) for launch in recorded_branch_launches(**kw)]
+                for shape, kw in SHAPES.items()}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_h200_branch_reuses_the_head_kernels(shape):
+    # The head's kernels run with the head's own specs, so test_kernel_align_head.py's build checks cover them.
+    names = sorted(s["kernel"] for s in BRANCH_SPECS[shape])
+    assert names == sorted(BRANCH_KERNELS + HEAD_KERNELS_USED)
+    head = {s["kernel"]: s for s in map(aot.launch_spec, recorded_launches(**SHAPES[shape]))}
+    for spec in BRANCH_SPECS[shape]:
+        if spec["kernel"] in HEAD_KERNELS_USED:
+            assert spec == head[spec["kernel"]], spec["kernel"]
+
+
+@pytest.fixture(scope="module")
+def h200_branch_reports():
+    jobs = [(shape, spec) for shape, specs in BRANCH_SPECS.items() for spec in specs
+            if spec["kernel"] in BRANCH_KERNELS]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        reports = list(pool.map(lambda job: aot.compile_spec_isolated(job[1]), jobs))
+    return {(shape, spec["kernel"]): (spec, report) for (shape, spec), report in zip(jobs, reports, strict=True)}
+
+
+@pytest.mark.parametrize("kernel", BRANCH_KERNELS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_h200_build(h200_branch_reports, shape, kernel):
+    spec, report = h200_branch_reports[shape, kernel]
+    dots = {"_align_branch_gram_partial_kernel"} | ({"_align_branch_bwd_token_kernel"} if shape == "mid" else set())
+    assert report.dot == (kernel in dots)
+    problems = aot.h200_problems(spec, report, min_waves=None if kernel in SMALL_GRID else 2.0)
+    assert not problems, (problems, report.ptxas_log)
+    assert not report.narrow_global
