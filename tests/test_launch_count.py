@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import KernelInterface
 
-from repa_fast.kernels.launch_count import count_launches
+from repa_fast.kernels.launch_count import count_launches, record_launches
 
 
 @triton.jit
@@ -75,3 +75,26 @@ def test_nested_counters_and_restored_dispatch():
     assert "counting" not in KernelInterface.__getitem__.__name__
     scale(x, 1.0)
     assert outer.launches == inner.launches + 1 == 3
+
+
+def test_record_launches_with_and_without_running():
+    x = torch.randn(5)
+    with record_launches(execute=False) as launches:
+        out = torch.full_like(x, 7.0)
+        _scale_kernel[(1,)](x, out, 5, 2.0, BLOCK=8, num_warps=2)
+    assert torch.equal(out, torch.full_like(x, 7.0))  # not run
+    (launch,) = launches
+    assert launch.kernel == "_scale_kernel" and launch.grid == (1,) and launch.options == {"num_warps": 2}
+    assert launch.args["x_ptr"] is x and launch.args["o_ptr"] is out
+    assert {k: launch.args[k] for k in ("n", "scale", "BLOCK")} == {"n": 5, "scale": 2.0, "BLOCK": 8}
+    signature, constexprs, divisible = launch.specialization()
+    assert signature == {"x_ptr": "*fp32", "o_ptr": "*fp32", "n": "i32", "scale": "fp32", "BLOCK": "constexpr"}
+    assert constexprs == {"BLOCK": 8} and set(divisible) <= {"x_ptr", "o_ptr"}  # n = 5: no hint
+    with record_launches(execute=False) as launches:  # what the JIT specialises: 1 -> constexpr, 32 -> divisible
+        _scale_kernel[(1,)](x, out, 1, 2.0, BLOCK=8)
+        _scale_kernel[(1,)](x, out, 32, 2.0, BLOCK=8)
+    assert launches[0].specialization()[1] == {"n": 1, "BLOCK": 8}
+    assert "n" in launches[1].specialization()[2] and launches[1].specialization()[0]["n"] == "i32"
+    with record_launches() as launches:
+        out = scale(x, 2.0)
+    assert torch.equal(out, 2 * x) and [launch.kernel for launch in launches] == ["_scale_kernel"]
