@@ -14,7 +14,8 @@ from kernel_testing import FP32_RTOL, assert_close, float64_oracle, outputs_and_
 
 from repa_fast.kernels import align_loss as align_loss_module
 from repa_fast.kernels import aot
-from repa_fast.kernels.align_loss import align_loss, align_loss_configs
+from repa_fast.kernels.align_loss import align_loss, align_loss_backward, align_loss_configs, align_loss_forward
+from repa_fast.kernels.launch_count import count_launches, record_launches
 from repa_fast.losses import alignment_losses, manifold_gram_loss, token_loss
 
 FLAGS = [(False, False), (True, False), (False, True), (True, True)]  # (upper_only, mask_diag)
@@ -179,7 +180,7 @@ def test_alignment_losses_switch():
         lt, lm = alignment_losses(x, y, upper_only=True, mask_diag=True, kernels=kernels)
         (lt + 3.0 * lm).backward()
         results[kernels] = (lt, lm, x.grad, type(lt.grad_fn).__name__)
-    assert "AlignLossFunction" in results["triton"][3] and "AlignLossFunction" not in results["torch"][3]
+    assert "repa_fast_align_loss" in results["triton"][3] and "repa_fast" not in results["torch"][3]
     (lt, lm, dx, _), (rt, rm, rdx, _) = results["triton"], results["torch"]
     assert_close({"L_token": lt, "L_manifold": lm, "dx": dx}, {"L_token": rt, "L_manifold": rm, "dx": rdx},
                  FP32_RTOL, loss_atol(rm))
@@ -207,53 +208,116 @@ def test_input_errors():
         align_loss(x, torch.randn(2, 3, 5))
 
 
+# --- launches, the torch op, torch.compile ---------------------------------------------------------------
+
+@pytest.mark.parametrize("upper_only,mask_diag", FLAGS)
+@pytest.mark.parametrize("shape", [(1, 7, 40), (3, 37, 72)], ids=["B1", "B3"])
+def test_four_launches_forward_and_backward(shape, upper_only, mask_diag):
+    """Forward + backward: the tickets' memset and the three kernels, no torch glue, whatever the masks."""
+    g = torch.Generator().manual_seed(29)
+    x, y = tokens(shape, torch.float32, g).requires_grad_(), tokens(shape, torch.float16, g)
+    grads = (torch.tensor(1.5), torch.tensor(3.0))
+    with count_launches() as count:
+        lt, lm = align_loss(x, y, upper_only, mask_diag)
+        torch.autograd.grad((lt, lm), x, grads)
+    assert count.triton == ["_align_loss_forward_kernel", "_align_loss_gram_kernel", "_align_loss_backward_kernel"]
+    assert count.torch_ops == ["aten.zeros.default"], count
+    assert count.launches <= 4
+
+
+def test_one_loss_unused():
+    """Only L_manifold reaches the loss: L_token's gradient is None, taken as 0 (one extra launch, a zero)."""
+    g = torch.Generator().manual_seed(31)
+    x, y = tokens((3, 9, 24), torch.float32, g), tokens((3, 9, 24), torch.float32, g)
+    grads = (torch.tensor(0.0, dtype=torch.float64), torch.tensor(5.0, dtype=torch.float64))
+    leaf = x.clone().requires_grad_()
+    (_, lm) = align_loss(leaf, y)
+    (dx,) = torch.autograd.grad(lm, leaf, grads[1].float())
+    assert_close({"dx": dx}, {"dx": reference(x, y, False, False, grads)[2]}, FP32_RTOL)
+
+
+def test_torch_op_opcheck():
+    g = torch.Generator().manual_seed(37)
+    x, y = tokens((3, 11, 40), torch.float32, g).requires_grad_(), tokens((3, 11, 40), torch.float16, g)
+    torch.library.opcheck(torch.ops.repa_fast.align_loss.default, (x, y, True, False))
+    s = torch.randn(3, 40, generator=g)
+    torch.library.opcheck(torch.ops.repa_fast.align_loss_backward.default,
+                          (x.detach(), y, s, torch.tensor(2.0), torch.tensor(-1.0)))
+
+
+def test_compiles_whole_and_equals_eager():
+    """torch.compile(fullgraph=True) holds the op as one node (dynamo: one graph, no break) and computes what
+    eager does, forward and backward."""
+    g = torch.Generator().manual_seed(41)
+    x0, y = tokens((3, 10, 32), torch.float32, g), tokens((3, 10, 32), torch.float16, g)
+
+    def step(x, y):
+        lt, lm = align_loss(x * 2.0, y, True, True)  # an op before it, in the same graph
+        return lt + 3.0 * lm
+
+    explanation = torch._dynamo.explain(step)(x0.clone().requires_grad_(), y)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        x = x0.clone().requires_grad_()
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss, dx), (c_loss, c_dx) = results
+    assert torch.equal(loss, c_loss) and torch.equal(dx, c_dx)
+
+
 # --- the H200 build, ahead of time ---------------------------------------------------------------------
 
 REAL_SHAPE = (48, 256, 1024)  # B, N = 16x16 DINOv2 tokens, D = ViT-L width
-TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+H200_SMS = 132
 
 
-def aot_signature(kernel, constexprs: dict, x_dtype: torch.dtype, y_dtype: torch.dtype) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("x_ptr", "dx_ptr"):
-            sig[name] = TRITON_DTYPE[x_dtype]
-        elif name == "y_ptr":
-            sig[name] = TRITON_DTYPE[y_dtype]
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"  # the partial sums, cosines and per-sample gradients
-        else:
-            sig[name] = "i32"
-    return sig
+def real_shape_launches(x_dtype, y_dtype) -> list:
+    """The forward's and backward's launches at the real shape, recorded on CPU without running the kernels
+    (both masks on: the Gram kernel's largest variant)."""
+    x, y = torch.empty(REAL_SHAPE, dtype=x_dtype), torch.empty(REAL_SHAPE, dtype=y_dtype)
+    with record_launches(execute=False) as launches:
+        _, _, sample_grad = align_loss_forward(x, y, True, True)
+        align_loss_backward(x, y, sample_grad, torch.empty(()), torch.empty(()))
+    return launches
 
 
 @pytest.mark.parametrize("x_dtype,y_dtype", [(torch.bfloat16, torch.float16), (torch.bfloat16, torch.bfloat16)],
                          ids=["x-bf16-y-fp16", "bf16-bf16"])
-@pytest.mark.parametrize("kernel_name", sorted(align_loss_configs(*REAL_SHAPE)))
-def test_compiles_for_h200(kernel_name, x_dtype, y_dtype):
-    constexprs, num_warps, num_stages = align_loss_configs(*REAL_SHAPE)[kernel_name]
-    kernel = getattr(align_loss_module, kernel_name)
-    report = aot.compile_for_h200_isolated(align_loss_module.__name__, kernel_name,
-                                           aot_signature(kernel, constexprs, x_dtype, y_dtype), constexprs,
-                                           num_warps, num_stages)
-    print(f"{kernel_name} {constexprs} warps={num_warps} stages={num_stages}: registers={report.registers} "
-          f"spills={report.spills} stack={report.stack} shared={report.shared} hgmma={report.hgmma}")
-    assert report.spills == 0, report.ptxas_log
-    assert report.shared <= aot.H200_SHARED_LIMIT
-    if "tl.dot" in inspect.getsource(kernel.fn):
-        assert report.hgmma, f"{kernel_name} uses tl.dot but its SASS has no HGMMA"
+def test_compiles_for_h200(x_dtype, y_dtype):
+    """Each kernel as the host launches it at the real shape, compiled for sm_90 with the JIT's own
+    specialisation (divisibility hints, 1 as a constant): no spills, shared memory fits, at least two waves."""
+    launches = real_shape_launches(x_dtype, y_dtype)
+    assert [launch.kernel for launch in launches] == sorted(align_loss_configs(*REAL_SHAPE), key=KERNEL_ORDER.index)
+    for launch in launches:
+        signature, constexprs, divisible = launch.specialization()
+        pointers = [name for name, kind in signature.items() if kind.startswith("*")]
+        assert set(pointers) <= set(divisible), f"{launch.kernel}: a pointer is not 16-byte aligned"
+        assert {"D", "stride_xn", "stride_yn"} & set(signature) <= set(divisible)  # vector loads along D
+        report = aot.compile_for_h200_isolated(align_loss_module.__name__, launch.kernel, signature, constexprs,
+                                               launch.options["num_warps"], launch.options["num_stages"],
+                                               divisible=divisible)
+        print(f"{launch.kernel} grid={launch.grid} {constexprs} {launch.options}: registers={report.registers} "
+              f"spills={report.spills} shared={report.shared} hgmma={report.hgmma}")
+        assert report.spills == 0, report.ptxas_log
+        assert report.shared <= aot.H200_SHARED_LIMIT
+        assert "tl.dot" not in inspect.getsource(getattr(align_loss_module, launch.kernel).fn)  # no HGMMA to check
+        assert launch.programs >= 2 * H200_SMS, f"{launch.kernel}: {launch.programs} programs, under two waves"
+
+
+KERNEL_ORDER = ["_align_loss_forward_kernel", "_align_loss_gram_kernel", "_align_loss_backward_kernel"]
 
 
 def test_configs_cover_every_kernel():
     """align_loss_configs names every @triton.jit kernel of the module, so the AOT test compiles them all."""
     kernels = {name for name, obj in vars(align_loss_module).items()
                if name.endswith("_kernel") and hasattr(obj, "arg_names")}
-    assert kernels == set(align_loss_configs(*REAL_SHAPE)) == {"_align_loss_forward_kernel",
-                                                               "_align_loss_backward_kernel"}
+    assert kernels == set(align_loss_configs(*REAL_SHAPE)) == set(KERNEL_ORDER)
     with pytest.raises(ValueError, match="D = 9000"):
         align_loss_configs(1, 1, 9000)
+    with pytest.raises(ValueError, match="B = 5000"):
+        align_loss_configs(5000, 1, 8)
 
 
 # --- on the GPU ----------------------------------------------------------------------------------------
