@@ -6,6 +6,7 @@ This file is the definition the Triton kernels are tested against. Everything is
     L_token    = mean_{b,n} (1 - <x_bn/|x_bn|, y_bn/|y_bn|>)          (zero rows: cosine 0)
     p_b        = normalize(mean_n normalize(x_bn)),  q_b likewise from y
     L_manifold = mean over kept (b, c) of (p_b.p_c - q_b.q_c)^2      (upper_only: b <= c; mask_diag: b != c)
+                 or, in its token form (token_gram_loss), mean_{b,i,j} (u_bi.u_bj - v_bi.v_bj)^2
     loss       = L_diff + align_coeff * (L_token + manifold_coeff * L_manifold)
 """
 
@@ -60,6 +61,62 @@ def manifold_gram_loss(x_tokens: torch.Tensor, y_tokens: torch.Tensor, upper_onl
     if kept == 0:
         return diff.sum() * 0.0  # keeps the graph (zero gradient) and the dtype
     return (diff.square() * keep).sum() / kept
+
+
+class _TokenGramDistance(torch.autograd.Function):
+    """sum_b |U_b U_b^T - V_b V_b^T|_F^2 for unit tokens U, V [B, N, D], over row blocks of ``chunk`` tokens.
+
+    With E_b = U_b U_b^T - V_b V_b^T (symmetric): d/dU_b = 4 E_b U_b and d/dV_b = -4 E_b V_b. Forward and
+    backward build E one [B, chunk, N] block at a time and keep none of it: only U and V are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(u, v)
+        ctx.chunk = chunk
+        total = u.new_zeros(())
+        for start in range(0, u.shape[1], chunk):
+            rows = slice(start, start + chunk)
+            total = total + (u[:, rows] @ u.mT - v[:, rows] @ v.mT).square().sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        u, v = ctx.saved_tensors
+        du = torch.empty_like(u) if ctx.needs_input_grad[0] else None
+        dv = torch.empty_like(v) if ctx.needs_input_grad[1] else None
+        for start in range(0, u.shape[1], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            e = (u[:, rows] @ u.mT - v[:, rows] @ v.mT) * (4.0 * grad)  # [B, chunk, N]
+            if du is not None:
+                du[:, rows] = e @ u
+            if dv is not None:
+                dv[:, rows] = -(e @ v)
+        return du, dv, None
+
+
+def token_gram_loss(x_tokens: torch.Tensor, y_tokens: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """The token form of the manifold loss: per sample, the token-token Gram matrices of the unit tokens,
+    compared entry by entry, averaged over the batch and all N x N entries ([B, N, D] each):
+
+        U_b = normalize(x_b) per token,  V_b likewise from y
+        L   = mean_{b,i,j} ((U_b U_b^T)_ij - (V_b V_b^T)_ij)^2
+
+    As SimpleTuner's U-REPA (bghira/SimpleTuner, simpletuner/helpers/training/crepa.py,
+    ``UrepaRegularizer._compute_manifold_loss``: F.normalize'd tokens, ``bmm`` Grams, ``(diff ** 2).mean()``;
+    it interpolates the two token grids to one size first, here they must already match). No [B, N, N]
+    tensor is ever whole in memory, forward or backward: the Grams are built ``chunk`` rows at a time.
+    Returns an fp32 scalar (float64 for float64 input).
+    """
+    if x_tokens.shape != y_tokens.shape or x_tokens.ndim != 3:
+        raise ValueError(f"token_gram_loss: x and y must both be [B,N,D], got {list(x_tokens.shape)} "
+                         f"and {list(y_tokens.shape)}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"token_gram_loss: chunk must be a positive int (tokens per block), got {chunk!r}")
+    u = F.normalize(_fp32(x_tokens), dim=-1, eps=NORM_EPS)
+    v = F.normalize(_fp32(y_tokens), dim=-1, eps=NORM_EPS)
+    B, N, _ = u.shape
+    return _TokenGramDistance.apply(u, v.to(u.dtype), chunk) / (B * N * N)
 
 
 def alignment_losses(x: torch.Tensor, y: torch.Tensor, upper_only: bool = False, mask_diag: bool = False,
