@@ -4,10 +4,13 @@
 
 Times forward, backward and forward+backward with triton.testing.do_bench (median and 20/80% quantiles)
 and the peak memory of forward+backward above the inputs, at the real shape B=48, N=256, D=1024 with
-x bf16 (the AlignHead's tokens) and y fp16 (the DINO cache). Beside each time is the byte floor at
-~4.3 TB/s (the H200 copy rate measured in this workplace): forward must read x and y, backward must
-read them again and write dx. Writes one JSON row per (implementation, pass) with the GPU name, the
-date and the command. Needs CUDA; without it, says so and exits 0 (it is not part of CI).
+x bf16 (the AlignHead's tokens) and y fp16 (the DINO cache). Beside each time is the floor: the larger of
+its bytes at ~4.3 TB/s and its FLOPs at ~790 TFLOP/s (the H200 rates measured in this workplace): forward
+must read x and y, backward must read them again and write dx; the arithmetic (~8 B N D forward, ~10 B N D
+backward, plus the [B, B] Grams) is far below the bytes. Also the kernel launches of one forward+backward
+of eager and fused (kernels/launch_count.py; counted the same way on a CPU). Writes one JSON row per
+(implementation, pass) with the GPU name, the date and the command. Needs CUDA; without it, says so and
+exits 0 (it is not part of CI).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import argparse
 import sys
 
 import torch
-from bench_common import COPY_BYTES_PER_S, gpu_ready, max_relative_difference, time_passes, time_table
+from bench_common import floors_us, gpu_ready, loss_agreement, loss_launches, loss_timing, print_floors, time_table
 from torch._functorch import config as functorch_config
 
 # measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
@@ -24,11 +27,15 @@ from torch._functorch import config as functorch_config
 functorch_config.donated_buffer = False
 
 
-def byte_floor_us(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def floor_us(x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per pass: ``bytes_us``, ``flops_us`` and ``floor_us`` (the larger)."""
+    B, N, D = x.shape
     read = x.numel() * x.element_size() + y.numel() * y.element_size()
     write_dx = x.numel() * x.element_size()
-    floors = {"forward": read, "backward": read + write_dx, "full": 2 * read + write_dx}
-    return {name: bytes_ / COPY_BYTES_PER_S * 1e6 for name, bytes_ in floors.items()}
+    # forward: per token |x|^2, |y|^2, x.y and two unit-token sums (8 D); Grams 2 x 2 B^2 D.
+    # backward: per token |x|^2, |y|^2, v, u.v and dx (10 D); the [B, D] sample vectors 2 B^2 D.
+    return floors_us({"forward": (read, 8.0 * B * N * D + 4.0 * B * B * D),
+                      "backward": (read + write_dx, 10.0 * B * N * D + 2.0 * B * B * D)})
 
 
 def make_inputs(shape, device, x_dtype=torch.bfloat16, y_dtype=torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,26 +59,20 @@ def implementations(upper_only: bool, mask_diag: bool, compile_backend: str = "i
 
 
 def measure(fn, x0: torch.Tensor, y: torch.Tensor, manifold_coeff: float, quantiles, bench=None) -> dict:
-    """Times (ms at ``quantiles``) of forward, backward and both by ``bench`` (do_bench's signature; default
-    do_bench), and on CUDA the peak memory of forward+backward above the inputs (None elsewhere)."""
-    x = x0.detach().clone().requires_grad_()
-
-    def forward():
-        lt, lm = fn(x, y)
-        return lt + manifold_coeff * lm
-
-    return time_passes(forward, None, [x], quantiles, bench)
+    """Times (ms at ``quantiles``) of forward, backward and both of L_token + manifold_coeff L_manifold by
+    ``bench`` (do_bench's signature; default do_bench), and on CUDA the peak memory of forward+backward above
+    the inputs (None elsewhere)."""
+    return loss_timing(fn, (1.0, manifold_coeff), x0, y, quantiles, bench)
 
 
 def check_agreement(impls, x0, y, manifold_coeff) -> dict[str, float]:
     """Relative differences of each implementation's losses and dx from the eager reference."""
-    results = {}
-    for name, fn in impls.items():
-        x = x0.detach().clone().requires_grad_()
-        lt, lm = fn(x, y)
-        (lt + manifold_coeff * lm).backward()
-        results[name] = (lt.detach().double(), lm.detach().double(), x.grad.double())
-    return max_relative_difference(results)
+    return loss_agreement(impls, (1.0, manifold_coeff), x0, y)
+
+
+def launches(impls, x0, y, manifold_coeff) -> dict[str, int | None]:
+    """Kernel launches of one forward+backward per implementation (None: compiled, not counted)."""
+    return loss_launches(impls, (1.0, manifold_coeff), x0, y)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,16 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     shape = (args.batch, args.tokens, args.dim)
     x, y = make_inputs(shape, "cuda")
     impls = implementations(args.upper_only, args.mask_diag)
-    floors = byte_floor_us(x, y)
+    floors = floor_us(x, y)
     print(f"{torch.cuda.get_device_name()}; x {list(shape)} bf16, y fp16; "
           f"upper_only={args.upper_only} mask_diag={args.mask_diag}")
+    print_floors(floors, "forward: read x + y; backward: read x + y, write dx; full: the sum")
     for name, diff in check_agreement(impls, x, y, args.manifold_coeff).items():
         print(f"  {name}: max relative difference from eager (losses, dx) = {diff:.2e}")
+    counts = launches(impls, x, y, args.manifold_coeff)
 
     fields = {"shape": list(shape), "x_dtype": "bfloat16", "y_dtype": "float16", "upper_only": args.upper_only,
               "mask_diag": args.mask_diag}
-    time_table("align_loss", impls, lambda fn, q: measure(fn, x, y, args.manifold_coeff, q), floors,
-               {p: {"byte_floor_us": f} for p, f in floors.items()}, fields, args.out)
+    time_table("align_loss", impls, lambda fn, q: measure(fn, x, y, args.manifold_coeff, q),
+               {p: f["floor_us"] for p, f in floors.items()}, floors, fields, args.out, counts)
     return 0
 
 

@@ -11,7 +11,77 @@ import sys
 import torch
 
 COPY_BYTES_PER_S = 4.3e12  # H200 copy rate measured in this workplace (DESIGN.md)
+MATMUL_FLOPS_PER_S = 790e12  # H200 bf16 dense matmul rate measured in this workplace (DESIGN.md)
 PASSES = ("forward", "backward", "full")
+
+
+def floors_us(passes: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
+    """{pass: (bytes, FLOPs)} for forward and backward -> per pass (full: their sums) ``bytes_us`` at
+    COPY_BYTES_PER_S, ``flops_us`` at MATMUL_FLOPS_PER_S and ``floor_us``, the larger."""
+    passes = dict(passes)
+    passes["full"] = tuple(f + b for f, b in zip(passes["forward"], passes["backward"], strict=True))
+    out = {}
+    for name, (bytes_, flops) in passes.items():
+        b_us, f_us = bytes_ / COPY_BYTES_PER_S * 1e6, flops / MATMUL_FLOPS_PER_S * 1e6
+        out[name] = {"bytes_us": b_us, "flops_us": f_us, "floor_us": max(b_us, f_us)}
+    return out
+
+
+def print_floors(floors: dict[str, dict[str, float]], work: str) -> None:
+    """One line per pass: the floor and what it is made of; ``work`` says what each pass must do."""
+    for pass_name, f in floors.items():
+        print(f"  floor {pass_name}: max(bytes {f['bytes_us']:.1f} us at {COPY_BYTES_PER_S / 1e12:.1f} TB/s, "
+              f"FLOPs {f['flops_us']:.1f} us at {MATMUL_FLOPS_PER_S / 1e12:.0f} TFLOP/s) = {f['floor_us']:.1f} us")
+    print(f"  ({work})")
+
+
+def losses_and_grad(fn, weights, x: torch.Tensor, y: torch.Tensor):
+    """The losses ``fn(x, y)`` (a tuple) and the gradient of their ``weights``-sum w.r.t. x (a fresh leaf)."""
+    leaf = x.detach().clone().requires_grad_()
+    losses = fn(leaf, y)
+    grads = [torch.full((), w, dtype=loss.dtype, device=loss.device) for w, loss in zip(weights, losses, strict=True)]
+    (dx,) = torch.autograd.grad(losses, leaf, grads)
+    return losses, dx
+
+
+def loss_timing(fn, weights, x0: torch.Tensor, y: torch.Tensor, quantiles, bench=None) -> dict:
+    """``time_passes`` of the ``weights``-sum of the losses ``fn(x, y)`` (a tuple), x a leaf copy of x0."""
+    x = x0.detach().clone().requires_grad_()
+
+    def forward():
+        return sum(w * loss for w, loss in zip(weights, fn(x, y), strict=True))
+
+    return time_passes(forward, None, [x], quantiles, bench)
+
+
+def loss_agreement(impls: dict, weights, x0: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Relative differences of each implementation's losses and dx from the eager one."""
+    results = {}
+    for name, fn in impls.items():
+        losses, dx = losses_and_grad(fn, weights, x0, y)
+        results[name] = [*(loss.detach().double() for loss in losses), dx.double()]
+    return max_relative_difference(results)
+
+
+def loss_launches(impls: dict, weights, x0: torch.Tensor, y: torch.Tensor,
+                  uncounted: tuple[str, ...] = ("compiled",)) -> dict[str, int | None]:
+    """Kernel launches of one forward+backward of each implementation (kernels/launch_count.py: Triton launches
+    and the torch ops that run a kernel); None for ``uncounted`` ones (compiled: the counter does not see the
+    kernels inductor generates and launches)."""
+    from repa_fast.kernels.launch_count import count_launches
+
+    counts = {}
+    for name, fn in impls.items():
+        if name in uncounted:
+            counts[name] = None
+            continue
+        losses_and_grad(fn, weights, x0, y)  # first-call work (autotuning, caches) outside the count
+        leaf = x0.detach().clone().requires_grad_()
+        grads = [torch.full((), w, dtype=torch.float32, device=x0.device) for w in weights]
+        with count_launches() as count:
+            torch.autograd.grad(fn(leaf, y), leaf, grads)
+        counts[name] = count.launches
+    return counts
 
 
 def time_passes(forward, grad, leaves: list[torch.Tensor], quantiles, bench=None) -> dict:
@@ -69,9 +139,10 @@ def gpu_ready(script: str) -> bool:
 
 
 def time_table(op: str, impls: dict, measure_one, floors_us: dict[str, float], floor_fields: dict[str, dict],
-               fields: dict, out: str | None) -> list[dict]:
+               fields: dict, out: str | None, launches: dict[str, int | None] | None = None) -> list[dict]:
     """Time every implementation (``measure_one(fn, quantiles)``), print one table with the floor beside each
-    pass, and return (and with ``out``, write as JSON) one row per implementation and pass."""
+    pass (and, given ``launches``, each implementation's kernel launches per forward+backward), and return
+    (and with ``out``, write as JSON) one row per implementation and pass."""
     import triton
 
     quantiles = [0.5, 0.2, 0.8]
@@ -79,7 +150,8 @@ def time_table(op: str, impls: dict, measure_one, floors_us: dict[str, float], f
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     gpu = torch.cuda.get_device_name()
     rows = []
-    header = f"{'impl':<10}{'pass':<10}{'median us':>11}{'p20 us':>9}{'p80 us':>9}{'floor us':>10}{'peak MiB':>10}"
+    header = (f"{'impl':<10}{'pass':<10}{'median us':>11}{'p20 us':>9}{'p80 us':>9}{'floor us':>10}{'peak MiB':>10}"
+              + (f"{'launches':>10}" if launches else ""))
     print(header)
     print("-" * len(header))
     for name, fn in impls.items():
@@ -87,10 +159,13 @@ def time_table(op: str, impls: dict, measure_one, floors_us: dict[str, float], f
         for pass_name in PASSES:
             median, p20, p80 = (1e3 * t for t in timing[pass_name])
             peak = timing["peak_mib"] if pass_name == "full" else None
+            count = launches.get(name) if launches and pass_name == "full" else None
             print(f"{name:<10}{pass_name:<10}{median:>11.1f}{p20:>9.1f}{p80:>9.1f}{floors_us[pass_name]:>10.1f}"
-                  f"{peak if peak is not None else float('nan'):>10.1f}")
+                  f"{peak if peak is not None else float('nan'):>10.1f}"
+                  + (f"{'' if count is None else count:>10}" if launches else ""))
             rows.append({"op": op, "impl": name, "pass": pass_name, "median_us": median, "p20_us": p20,
                          "p80_us": p80, **floor_fields[pass_name], "peak_mib": peak, "gpu": gpu, **fields,
+                         **({"launches": count} if launches else {}),
                          "torch": torch.__version__, "triton": triton.__version__, "date": stamp,
                          "command": command})
     if out:

@@ -8,10 +8,12 @@ Writes DIR/gpu_report.json (one row per measurement, each with the machine, the 
 DIR/gpu_report.md (the table; ``benchmarks/update_readme.py`` puts it into the README), and prints the
 table last. Parts (``--parts``):
 
-  op        AlignHead (8x8 map -> 16x16 tokens) and the alignment loss at B=48, C=1280, N=256, D=1024, bf16
-            (y fp16, the DINO cache): eager / torch.compile / fused; forward, backward, both; the peak memory
-            of both above the inputs; the floor (bytes at 4.3 TB/s, GEMM FLOPs at 790 TFLOP/s). The
-            functions of bench_align_head.py and bench_align_loss.py, timed by triton.testing.do_bench.
+  op        AlignHead (8x8 map -> 16x16 tokens), the alignment loss and the token-form manifold loss at B=48,
+            C=1280, N=256, D=1024, bf16 (y fp16, the DINO cache): eager / torch.compile / fused; forward,
+            backward, both; the peak memory of both above the inputs; the floor (bytes at 4.3 TB/s, FLOPs at
+            790 TFLOP/s); the losses' kernel launches per forward+backward (kernels/launch_count.py). The
+            functions of bench_align_head.py, bench_align_loss.py and bench_token_gram.py, timed by
+            triton.testing.do_bench.
   overhead  the REPA overhead of one training step of the SD-1.5 U-Net (configs/sd15_repa_A.yaml: random
             init, LoRA r32 attn+conv, B=48, bf16, align layer mid): (step with alignment - step without) /
             step without, with the reference (kernels=torch) and the fused (kernels=triton) alignment path.
@@ -148,22 +150,11 @@ def op_rows(mode: Mode) -> list[dict]:
     import bench_align_head as bah
     import bench_align_loss as bal
 
-    # None: do_bench
-    bench = None if mode.device.type == "cuda" else functools.partial(perf_bench, runs=mode.cpu_runs)
+    bench = op_bench(mode)
     rows = []
 
-    def add(op, timings, floors, agreement, shape):
-        for impl, timing in timings.items():
-            for pass_name in PASSES:
-                median, p20, p80 = timing[pass_name]
-                eager = timings["eager"][pass_name][0]
-                rows.append({
-                    "part": "op", "item": op, "impl": impl, "pass": pass_name, "median_ms": median, "p20_ms": p20,
-                    "p80_ms": p80, "floor_ms": floors[pass_name] / 1e3, "vs": None if impl == "eager" else "eager",
-                    "ratio": None if impl == "eager" else eager / median,
-                    "peak_mib": timing["peak_mib"] if pass_name == "full" else None,
-                    "max_rel_diff_vs_eager": agreement.get(impl), "shape": shape,
-                })
+    def add(*args):  # one op's rows
+        rows.extend(timing_rows(*args))
 
     torch.manual_seed(0)
     head, feat, grad = bah.make_inputs(mode.op_batch, mode.in_ch, mode.map_hw, mode.dim, mode.tokens, mode.groups,
@@ -182,11 +173,55 @@ def op_rows(mode: Mode) -> list[dict]:
     x, y = bal.make_inputs(shape, mode.device, mode.dtype, mode.y_dtype)
     impls = bal.implementations(False, False, mode.compile_backend)
     agreement = bal.check_agreement(impls, x, y, 3.0)
-    floors = bal.byte_floor_us(x, y)
+    floors = {p: f["floor_us"] for p, f in bal.floor_us(x, y).items()}
     timings = {name: bal.measure(fn, x, y, 3.0, QUANTILES, bench=bench) for name, fn in impls.items()}
-    add("align_loss", timings, floors, agreement,
-        f"x {list(shape)} {str(mode.dtype).removeprefix('torch.')}, y {str(mode.y_dtype).removeprefix('torch.')}")
+    add("align_loss", timings, floors, agreement, token_shape(mode), bal.launches(impls, x, y, 3.0))
+    del x, y, impls, timings
+    free_memory()
+    return rows + token_gram_rows(mode)
+
+
+def op_bench(mode: Mode):
+    """do_bench on a GPU (None), perf_bench on the CPU."""
+    return None if mode.device.type == "cuda" else functools.partial(perf_bench, runs=mode.cpu_runs)
+
+
+def token_shape(mode: Mode) -> str:
+    return (f"x {[mode.op_batch, mode.tokens, mode.dim]} {str(mode.dtype).removeprefix('torch.')}, "
+            f"y {str(mode.y_dtype).removeprefix('torch.')}")
+
+
+def timing_rows(op: str, timings: dict, floors: dict, agreement: dict, shape: str,
+                launches: dict | None = None) -> list[dict]:
+    """The report's rows of one op: per implementation and pass, the times, the floor, the ratio to eager, the
+    peak memory and agreement; with ``launches``, each implementation's launches per forward+backward."""
+    rows = []
+    for impl, timing in timings.items():
+        for pass_name in PASSES:
+            median, p20, p80 = timing[pass_name]
+            eager = timings["eager"][pass_name][0]
+            rows.append({
+                "part": "op", "item": op, "impl": impl, "pass": pass_name, "median_ms": median, "p20_ms": p20,
+                "p80_ms": p80, "floor_ms": floors[pass_name] / 1e3, "vs": None if impl == "eager" else "eager",
+                "ratio": None if impl == "eager" else eager / median,
+                "peak_mib": timing["peak_mib"] if pass_name == "full" else None,
+                "max_rel_diff_vs_eager": agreement.get(impl), "shape": shape,
+                **({"launches": launches.get(impl)} if launches else {}),
+            })
     return rows
+
+
+def token_gram_rows(mode: Mode) -> list[dict]:
+    """The token-form manifold loss (bench_token_gram.py) at the op shapes: eager / compiled / fused."""
+    import bench_align_loss as bal
+    import bench_token_gram as btg
+
+    x, y = bal.make_inputs((mode.op_batch, mode.tokens, mode.dim), mode.device, mode.dtype, mode.y_dtype)
+    impls = btg.implementations(mode.compile_backend)
+    agreement = btg.check_agreement(impls, x, y)
+    floors = {p: f["floor_us"] for p, f in btg.floor_us(x, y).items()}
+    timings = {name: btg.measure(fn, x, y, QUANTILES, bench=op_bench(mode)) for name, fn in impls.items()}
+    return timing_rows("token_gram", timings, floors, agreement, token_shape(mode), btg.launches(impls, x, y))
 
 
 # --- part 2: the REPA overhead of a step ---------------------------------------------------------------------
@@ -396,7 +431,8 @@ def fmt_compared(row: dict) -> str:
 def fmt_impl(row: dict) -> str:
     settings = row.get("settings")
     if not settings:
-        return row["impl"]
+        count = row.get("launches")
+        return row["impl"] + ("" if count is None else f" ({count} launches)")
     compile_ = settings["compile_backend"] or "none"
     return (f"{row['impl']}: kernels {settings['kernels']}, compile {compile_}, ZeRO-{settings['zero_stage']}, "
             f"{settings['loader']} loader")
@@ -435,8 +471,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def notes(mode: Mode) -> list[str]:
     out = [
-        "op rows: median / floor is how far each time is from the floor (bytes at 4.3 TB/s or GEMM FLOPs at "
-        "790 TFLOP/s, whichever is larger); peak MiB is the memory of forward+backward above the inputs; "
+        "op rows: median / floor is how far each time is from the floor (bytes at 4.3 TB/s or FLOPs at "
+        "790 TFLOP/s, whichever is larger); (n launches): the kernels one forward+backward launches, Triton and "
+        "torch ops counted alike (not counted for compiled); peak MiB is the memory of forward+backward above the "
+        "inputs; "
         "compared is the eager time over this time (above 1: faster than eager) and the largest relative "
         "difference of the output and gradients from eager's.",
         "overhead rows: a plain torch step (eager U-Net, AdamW on the trainable parameters in the training "

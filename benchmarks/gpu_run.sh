@@ -42,7 +42,8 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cu
     || { echo "gpu_run: the package does not import" >&2; exit 1; }
 
 REPA_FAST_GPU_TESTS=1 timeout 100 python3 -P -m pytest -p no:cacheprovider -q -m gpu \
-    tests/test_kernel_align_head.py tests/test_kernel_align_loss.py 2>&1 | tee "$OUT/tests.log"
+    tests/test_kernel_align_head.py tests/test_kernel_align_loss.py tests/test_kernel_token_gram.py \
+    2>&1 | tee "$OUT/tests.log"
 tests=${PIPESTATUS[0]}
 
 timeout 450 python3 benchmarks/gpu_report.py --out "$OUT/report" "$@" 2>&1 | tee "$OUT/report.log"

@@ -8,7 +8,7 @@ gpu_report.py. Each benchmark also checks what it ran computes the right kind of
 import pytest
 import torch
 
-from repa_fast.losses import manifold_gram_loss, token_loss
+from repa_fast.losses import manifold_gram_loss, token_gram_loss, token_loss
 from repa_fast.models import AlignHead
 
 # B, C, map, D, tokens, groups: the real head's structure (8x8 map -> 16x16 grid) at 1/16 of the width.
@@ -67,3 +67,25 @@ def test_alignment_losses_reference(benchmark, passes):
         assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     # and both vanish when the tokens are the targets
     assert token_loss(y, y).abs().item() < 1e-6 and manifold_gram_loss(y, y).item() < 1e-12
+
+
+@pytest.mark.parametrize("passes", ["forward", "full"])
+def test_token_gram_loss_reference(benchmark, passes):
+    g = torch.Generator().manual_seed(2)
+    shape = (LOSS["batch"], LOSS["tokens"], LOSS["D"])
+    x = torch.randn(shape, generator=g).requires_grad_(passes == "full")
+    y = torch.randn(shape, generator=g)
+
+    def run():
+        x.grad = None
+        loss = token_gram_loss(x, y)
+        if passes == "full":
+            loss.backward()
+        return loss.detach()
+
+    loss = benchmark(run)
+    # independent random unit tokens of width D: off-diagonal Gram entries ~ N(0, 1/D) on each side
+    assert 0.5 / LOSS["D"] < loss.item() < 4.0 / LOSS["D"]
+    if passes == "full":
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert token_gram_loss(y, y).item() == 0.0

@@ -15,8 +15,8 @@ REPORT = ROOT / "benchmarks" / "gpu_report.py"
 UPDATE = ROOT / "benchmarks" / "update_readme.py"
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 
-OPS = {("op", op, impl, p) for op in ("align_head", "align_loss") for impl in ("eager", "compiled", "fused")
-       for p in ("forward", "backward", "full")}
+OPS = {("op", op, impl, p) for op in ("align_head", "align_loss", "token_gram")
+       for impl in ("eager", "compiled", "fused") for p in ("forward", "backward", "full")}
 OVERHEAD = {("overhead", "REPA overhead", impl, "step") for impl in ("no alignment", "kernels=torch", "kernels=triton")}
 STEPS = {("step", "whole step", impl, "step") for impl in ("reference", "fast")}
 
@@ -53,6 +53,11 @@ def test_tiny_report_has_every_row_with_finite_times(tiny_report):
             assert (r["ratio"] is None) == (r["impl"] in ("no alignment", "reference")), where
             if r["ratio"] is not None:
                 assert math.isfinite(r["ratio"]), where
+    # the losses' launches per forward+backward: the fused ops' budgets, fewer than eager's; compiled: not counted
+    launches = {(r["item"], r["impl"]): r["launches"] for r in rows if r["part"] == "op" and "launches" in r}
+    assert launches[("align_loss", "fused")] == 4 and launches[("token_gram", "fused")] == 3
+    assert launches[("align_loss", "eager")] > 4 and launches[("token_gram", "eager")] > 3
+    assert launches[("align_loss", "compiled")] is None and launches[("token_gram", "compiled")] is None
     steps = {r["impl"]: r for r in rows if r["part"] == "step"}
     assert steps["reference"]["settings"]["kernels"] == "torch" and steps["reference"]["settings"]["zero_stage"] == 0
     assert steps["fast"]["settings"]["kernels"] == "triton" and steps["fast"]["settings"]["zero_stage"] == 2
