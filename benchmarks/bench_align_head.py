@@ -8,8 +8,9 @@ and the peak memory of forward+backward above the inputs, at the real shape: fea
 weights bf16. Beside each time is the floor: the larger of its bytes at ~4.3 TB/s and its GEMM FLOPs at
 ~790 TFLOP/s (the H200 rates measured in this workplace, DESIGN.md). Forward must read feat and W and
 write the tokens (2 B*HW*C*D FLOPs); backward must read the upstream gradient, feat and W and write
-dfeat and dW (two GEMMs, 4 B*HW*C*D FLOPs). Writes one JSON row per (implementation, pass) with the GPU
-name, the date and the command. Needs CUDA; without it, says so and exits 0 (it is not part of CI).
+dfeat and dW (two GEMMs, 4 B*HW*C*D FLOPs). Also the kernel launches of one forward+backward of eager and
+fused (kernels/launch_count.py; counted the same way on a CPU). Writes one JSON row per (implementation,
+pass) with the GPU name, the date and the command. Needs CUDA; without it, says so and exits 0 (it is not part of CI).
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ import functools
 import sys
 
 import torch
-from bench_common import COPY_BYTES_PER_S, gpu_ready, max_relative_difference, time_passes, time_table
+from bench_common import (
+    floors_us,
+    gpu_ready,
+    launches_per_step,
+    max_relative_difference,
+    print_floors,
+    time_passes,
+    time_table,
+)
 from torch._functorch import config as functorch_config
 
-MATMUL_FLOPS_PER_S = 790e12  # H200 bf16 dense matmul rate measured in this workplace (DESIGN.md)
 # measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
 # compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
 functorch_config.donated_buffer = False
@@ -56,12 +64,7 @@ def floor_us(head, feat: torch.Tensor) -> dict[str, dict[str, float]]:
         "forward": (feat_bytes + w_bytes + tok_bytes, gemm),
         "backward": (tok_bytes + feat_bytes + w_bytes + feat_bytes + w_bytes, 2 * gemm),
     }
-    passes["full"] = tuple(f + b for f, b in zip(passes["forward"], passes["backward"], strict=True))
-    out = {}
-    for name, (bytes_, flops) in passes.items():
-        b_us, f_us = bytes_ / COPY_BYTES_PER_S * 1e6, flops / MATMUL_FLOPS_PER_S * 1e6
-        out[name] = {"bytes_us": b_us, "flops_us": f_us, "floor_us": max(b_us, f_us)}
-    return out
+    return floors_us(passes)
 
 
 def implementations(head, compile_backend: str = "inductor"):
@@ -99,6 +102,16 @@ def check_agreement(impls, head, feat0: torch.Tensor, grad: torch.Tensor) -> dic
     return max_relative_difference(results)
 
 
+def launches(impls, head, feat0: torch.Tensor, grad: torch.Tensor) -> dict[str, int | None]:
+    """Kernel launches of one forward+backward (tokens, then the gradients of feat and the head's parameters)
+    per implementation (None: compiled, not counted)."""
+    def step(fn):
+        feat = feat0.detach().clone().requires_grad_()
+        return lambda: torch.autograd.grad(fn(feat), [feat, *head.parameters()], grad)
+
+    return launches_per_step(impls, step)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=False, help="JSON file for the result rows")
@@ -119,18 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     floors = floor_us(head, feat)
     print(f"{torch.cuda.get_device_name()}; feat {list(feat.shape)} bf16 -> "
           f"tokens [{args.batch},{args.tokens},{args.dim}], {args.groups} groups")
-    for pass_name, f in floors.items():
-        print(f"  floor {pass_name}: max(bytes {f['bytes_us']:.1f} us at {COPY_BYTES_PER_S / 1e12:.1f} TB/s, "
-              f"GEMM {f['flops_us']:.1f} us at {MATMUL_FLOPS_PER_S / 1e12:.0f} TFLOP/s) = {f['floor_us']:.1f} us")
-    print("  (forward: read feat + W, write tokens, 2*B*HW*C*D FLOPs; backward: read dtokens + feat + W, write "
-          "dfeat + dW, two GEMMs of 2*B*HW*C*D; full: the sum)")
+    print_floors(floors, "forward: read feat + W, write tokens, 2*B*HW*C*D FLOPs; backward: read dtokens + feat "
+                         "+ W, write dfeat + dW, two GEMMs of 2*B*HW*C*D; full: the sum")
     for name, diff in check_agreement(impls, head, feat, grad).items():
         print(f"  {name}: max relative difference from eager (tokens, gradients) = {diff:.2e}")
 
     fields = {"feat_shape": list(feat.shape), "tokens": args.tokens, "dim": args.dim, "groups": args.groups,
               "dtype": "bfloat16"}
     time_table("align_head", impls, lambda fn, q: measure(fn, head, feat, grad, q),
-               {p: f["floor_us"] for p, f in floors.items()}, floors, fields, args.out)
+               {p: f["floor_us"] for p, f in floors.items()}, floors, fields, args.out,
+               launches(impls, head, feat, grad))
     return 0
 
 

@@ -112,16 +112,16 @@ def _align_branch_gram_partial_kernel(
     i_k = tl.program_id(0).to(tl.int64)
     o_b = tl.arange(0, BLOCK_B)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = (o_b < B)[:, None] & (o_k < D)[None, :]
+    m_bk = (o_b < B)[:, None] & (o_k < D)[None, :]  # [BLOCK_B, BLOCK_K]
     o_gram = tl.arange(0, BLOCK_B)[:, None] * BLOCK_B + tl.arange(0, BLOCK_B)[None, :]
     for side in tl.static_range(2):  # x (the head's tokens), then y
         b_m = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
         for s in range(0, n_splits):
-            b_m += tl.load(sum_ptr + ((side * B + o_b[:, None]) * n_splits + s) * D + o_k[None, :], mask=m,
+            b_m += tl.load(sum_ptr + ((side * B + o_b[:, None]) * n_splits + s) * D + o_k[None, :], mask=m_bk,
                            other=0.0)
         b_m = b_m / N
         if side == 0:
-            tl.store(mx_ptr + o_b[:, None] * D + o_k[None, :], b_m, mask=m)
+            tl.store(mx_ptr + o_b[:, None] * D + o_k[None, :], b_m, mask=m_bk)
         b_gram = tl.dot(b_m, tl.trans(b_m), input_precision="tf32x3")  # [BLOCK_B, BLOCK_B]
         tl.store(gram_part_ptr + (i_k * 2 + side) * BLOCK_B * BLOCK_B + o_gram, b_gram)
 
@@ -148,24 +148,24 @@ def _align_branch_loss_kernel(
     for k in range(0, n_chunks):
         b_ux += tl.load(gram_part_ptr + (k * 2) * BLOCK_B * BLOCK_B + o_gram)
         b_uy += tl.load(gram_part_ptr + (k * 2 + 1) * BLOCK_B * BLOCK_B + o_gram)
-    nx_r, nx_c = _diagonal(b_ux, o_r, o_c)
-    ny_r, ny_c = _diagonal(b_uy, o_r, o_c)
-    nx_r, nx_c = tl.sqrt_rn(nx_r), tl.sqrt_rn(nx_c)
-    b_gx = b_ux / (tl.maximum(nx_r, _EPS)[:, None] * tl.maximum(nx_c, _EPS)[None, :])
-    b_gy = b_uy / (tl.maximum(tl.sqrt_rn(ny_r), _EPS)[:, None] * tl.maximum(tl.sqrt_rn(ny_c), _EPS)[None, :])
-    keep = (o_r < B)[:, None] & (o_c < B)[None, :]
+    b_nxr, b_nxc = _diagonal(b_ux, o_r, o_c)
+    b_nyr, b_nyc = _diagonal(b_uy, o_r, o_c)
+    b_nxr, b_nxc = tl.sqrt_rn(b_nxr), tl.sqrt_rn(b_nxc)
+    b_gx = b_ux / (tl.maximum(b_nxr, _EPS)[:, None] * tl.maximum(b_nxc, _EPS)[None, :])
+    b_gy = b_uy / (tl.maximum(tl.sqrt_rn(b_nyr), _EPS)[:, None] * tl.maximum(tl.sqrt_rn(b_nyc), _EPS)[None, :])
+    m_rc = (o_r < B)[:, None] & (o_c < B)[None, :]
+    m_keep = m_rc
     if UPPER_ONLY:
-        keep = keep & (o_r[:, None] <= o_c[None, :])
+        m_keep = m_keep & (o_r[:, None] <= o_c[None, :])
     if MASK_DIAG:
-        keep = keep & (o_r[:, None] != o_c[None, :])
-    kept = tl.sum(tl.sum(keep.to(tl.float32), axis=1), axis=0)
-    b_w = tl.where(keep, 1.0 / tl.maximum(kept, 1.0), 0.0)  # no kept entry (B = 1, mask_diag): the loss is 0
+        m_keep = m_keep & (o_r[:, None] != o_c[None, :])
+    kept = tl.sum(tl.sum(m_keep.to(tl.float32), axis=1), axis=0)
+    b_w = tl.where(m_keep, 1.0 / tl.maximum(kept, 1.0), 0.0)  # no kept entry (B = 1, mask_diag): the loss is 0
     b_diff = b_gx - b_gy
-    m = (o_r < B)[:, None] & (o_c < B)[None, :]
     o_out = o_r[:, None] * B + o_c[None, :]
-    tl.store(gram_ptr + o_out, b_gx, mask=m)
-    tl.store(dgram_ptr + o_out, 2.0 * b_w * b_diff, mask=m)
-    tl.store(nx_ptr + o_r, nx_r, mask=o_r < B)
+    tl.store(gram_ptr + o_out, b_gx, mask=m_rc)
+    tl.store(dgram_ptr + o_out, 2.0 * b_w * b_diff, mask=m_rc)
+    tl.store(nx_ptr + o_r, b_nxr, mask=o_r < B)
     o_cos = tl.arange(0, BLOCK_COS)
     b_cos = tl.zeros((BLOCK_COS,), dtype=tl.float32)
     for i in range(0, n_cos, BLOCK_COS):
@@ -214,11 +214,11 @@ def _align_branch_bwd_token_kernel(
     for t0 in range(0, N, BLOCK_T):
         o_t = t0 + tl.arange(0, BLOCK_T)
         m_t = o_t < N
-        m = m_t[:, None] & m_d[None, :]
-        b_y = tl.load(y_ptr + i_b * stride_yb + o_t[:, None] * stride_yn + o_d[None, :], mask=m,
+        m_td = m_t[:, None] & m_d[None, :]  # [BLOCK_T, BLOCK_D]
+        b_y = tl.load(y_ptr + i_b * stride_yb + o_t[:, None] * stride_yn + o_d[None, :], mask=m_td,
                       other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_D]
         b_ry = tl.load(y_rstd_ptr + i_b * N + o_t, mask=m_t, other=0.0)
-        b_g = tl.where(m, b_sg[None, :] - token_grad * b_ry[:, None] * b_y, 0.0)
+        b_g = tl.where(m_td, b_sg[None, :] - token_grad * b_ry[:, None] * b_y, 0.0)
         b_r = tl.load(tok_rstd_ptr + i_b * N + o_t, mask=m_t, other=0.0)
         b_p1, b_gu = _bwd_token_chunk(b_g, b_r, b_act, b_act_lp, b_p1, interp_ptr, o_t, m_t, o_p, m_p, HW,
                                       UPSAMPLE, DOT_PRECISION)
@@ -407,10 +407,14 @@ def _align_branch_setup_context(ctx, inputs, output):
     ctx.save_for_backward(feat, conv_weight, gn_weight, gn_bias, y, *saved)
     ctx.num_groups, ctx.grid = num_groups, grid
     ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved-only outputs: launches saved
 
 
 def _align_branch_autograd(ctx, grad_token, grad_manifold, *_unused):
     feat, conv_weight, gn_weight, gn_bias, y, *saved = ctx.saved_tensors
+    if grad_token is None or grad_manifold is None:  # one of the losses is not used
+        zero = feat.new_zeros((), dtype=torch.float32)
+        grad_token, grad_manifold = (zero if g is None else g for g in (grad_token, grad_manifold))
     grads = torch.ops.repa_fast.align_branch_loss_backward(
         grad_token, grad_manifold, feat, conv_weight, gn_weight, gn_bias, y, *saved, ctx.num_groups, ctx.grid,
         ctx.needs_input_grad[0], ctx.needs_input_grad[1])

@@ -81,11 +81,12 @@ def _gelu_grad(b_z):
 def _source_index(o_dst, IN_SIZE: tl.constexpr, OUT_SIZE: tl.constexpr):
     # F.interpolate(mode="bilinear", align_corners=False): source coordinate (dst + 0.5) * in/out - 0.5
     # clamped at 0; the lower neighbour is clamped to the last index, the upper one to the edge.
-    src = tl.maximum((o_dst.to(tl.float32) + 0.5) * (IN_SIZE / OUT_SIZE) - 0.5, 0.0)
-    i0 = tl.minimum(src.to(tl.int32), IN_SIZE - 1)
-    lam = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
-    i1 = tl.where(i0 < IN_SIZE - 1, i0 + 1, i0)
-    return i0, i1, lam
+    # Returns the two source indices and the weight of the upper one.
+    b_src = tl.maximum((o_dst.to(tl.float32) + 0.5) * (IN_SIZE / OUT_SIZE) - 0.5, 0.0)
+    o_lo = tl.minimum(b_src.to(tl.int32), IN_SIZE - 1)
+    b_w = tl.minimum(tl.maximum(b_src - o_lo.to(tl.float32), 0.0), 1.0)
+    o_hi = tl.where(o_lo < IN_SIZE - 1, o_lo + 1, o_lo)
+    return o_lo, o_hi, b_w
 
 
 @triton.jit
@@ -119,9 +120,9 @@ def _sample_group_broadcast(b_sg, SAMPLES: tl.constexpr, BLOCK_HW: tl.constexpr,
 def _map_act(p_xhat, o_pos, m_pos, b_gamma, b_beta, o_d, m_d, D):
     """act = GELU(x_hat gamma + beta) in fp32 at map positions o_pos of one sample: [len(o_pos), len(o_d)],
     zero where masked."""
-    m = m_pos[:, None] & m_d[None, :]
-    b_xhat = tl.load(p_xhat + o_pos[:, None].to(tl.int64) * D + o_d[None, :], mask=m, other=0.0).to(tl.float32)
-    return tl.where(m, _gelu(b_xhat * b_gamma[None, :] + b_beta[None, :]), 0.0)
+    m_pd = m_pos[:, None] & m_d[None, :]
+    b_xhat = tl.load(p_xhat + o_pos[:, None].to(tl.int64) * D + o_d[None, :], mask=m_pd, other=0.0).to(tl.float32)
+    return tl.where(m_pd, _gelu(b_xhat * b_gamma[None, :] + b_beta[None, :]), 0.0)
 
 
 @triton.jit
@@ -130,13 +131,13 @@ def _token_rows(p_xhat, b_gamma, b_beta, o_t, m_t, o_d, m_d, D, MAP_H: tl.conste
     """The unnormalised tokens u = M act of rows o_t of one sample, fp32 [len(o_t), len(o_d)]: a bilinear
     blend of the act of four map positions (recomputed from x_hat), or one position without resampling."""
     if UPSAMPLE:
-        y0, y1, ly = _source_index(o_t // GRID_W, MAP_H, GRID_H)
-        x0, x1, lx = _source_index(o_t % GRID_W, MAP_W, GRID_W)
-        b_top = ((1.0 - lx)[:, None] * _map_act(p_xhat, y0 * MAP_W + x0, m_t, b_gamma, b_beta, o_d, m_d, D)
-                 + lx[:, None] * _map_act(p_xhat, y0 * MAP_W + x1, m_t, b_gamma, b_beta, o_d, m_d, D))
-        b_bottom = ((1.0 - lx)[:, None] * _map_act(p_xhat, y1 * MAP_W + x0, m_t, b_gamma, b_beta, o_d, m_d, D)
-                    + lx[:, None] * _map_act(p_xhat, y1 * MAP_W + x1, m_t, b_gamma, b_beta, o_d, m_d, D))
-        b_u = (1.0 - ly)[:, None] * b_top + ly[:, None] * b_bottom
+        o_y0, o_y1, b_wy = _source_index(o_t // GRID_W, MAP_H, GRID_H)  # [BLOCK_T] each
+        o_x0, o_x1, b_wx = _source_index(o_t % GRID_W, MAP_W, GRID_W)
+        b_top = ((1.0 - b_wx)[:, None] * _map_act(p_xhat, o_y0 * MAP_W + o_x0, m_t, b_gamma, b_beta, o_d, m_d, D)
+                 + b_wx[:, None] * _map_act(p_xhat, o_y0 * MAP_W + o_x1, m_t, b_gamma, b_beta, o_d, m_d, D))
+        b_bottom = ((1.0 - b_wx)[:, None] * _map_act(p_xhat, o_y1 * MAP_W + o_x0, m_t, b_gamma, b_beta, o_d, m_d, D)
+                    + b_wx[:, None] * _map_act(p_xhat, o_y1 * MAP_W + o_x1, m_t, b_gamma, b_beta, o_d, m_d, D))
+        b_u = (1.0 - b_wy)[:, None] * b_top + b_wy[:, None] * b_bottom
     else:
         b_u = _map_act(p_xhat, o_t, m_t, b_gamma, b_beta, o_d, m_d, D)
     return b_u
@@ -192,14 +193,14 @@ def _align_head_proj_kernel(
         b_w = tl.load(p_w + o_k[:, None] * stride_wc, mask=m_k[:, None] & m_d[None, :], other=0.0)  # [K, COLS]
         b_acc = tl.dot(b_x, b_w.to(b_x.dtype), b_acc, input_precision=DOT_PRECISION)
 
-    m = m_r[:, None] & m_d[None, :]
+    m_rd = m_r[:, None] & m_d[None, :]  # [ROWS, COLS]
     count = HW * GROUP_SIZE * 1.0
     b_mean = _sample_group_sum(b_acc, SAMPLES, BLOCK_HW, GROUPS, GROUP_BLOCK) / count  # [SAMPLES, GROUPS]
-    b_diff = tl.where(m, b_acc - _sample_group_broadcast(b_mean, SAMPLES, BLOCK_HW, GROUPS, GROUP_BLOCK), 0.0)
+    b_diff = tl.where(m_rd, b_acc - _sample_group_broadcast(b_mean, SAMPLES, BLOCK_HW, GROUPS, GROUP_BLOCK), 0.0)
     b_var = _sample_group_sum(b_diff * b_diff, SAMPLES, BLOCK_HW, GROUPS, GROUP_BLOCK) / count
     b_rstd = 1.0 / tl.sqrt_rn(b_var + eps)
     b_xhat = b_diff * _sample_group_broadcast(b_rstd, SAMPLES, BLOCK_HW, GROUPS, GROUP_BLOCK)
-    tl.store(xhat_ptr + (o_b * HW + o_p)[:, None] * D + o_d[None, :], b_xhat.to(xhat_ptr.dtype.element_ty), mask=m)
+    tl.store(xhat_ptr + (o_b * HW + o_p)[:, None] * D + o_d[None, :], b_xhat.to(xhat_ptr.dtype.element_ty), mask=m_rd)
 
     o_sb = i_m * SAMPLES + tl.arange(0, SAMPLES)
     o_sg = i_g * GROUPS + tl.arange(0, GROUPS)
@@ -293,14 +294,14 @@ def _align_head_bwd_map_kernel(
     o_p = tl.arange(0, BLOCK_HW)
     m_p = o_p < HW
     o_d, m_d = _group_columns(i_g, G, GROUP_SIZE, GROUP_BLOCK, GROUPS)
-    m = m_p[:, None] & m_d[None, :]
+    m_pd = m_p[:, None] & m_d[None, :]  # [BLOCK_HW, COLS]
     o_map = (i_b * HW + o_p)[:, None] * D + o_d[None, :]  # [BLOCK_HW, COLS]
     b_gamma = tl.load(gamma_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_beta = tl.load(beta_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_xhat = tl.load(xhat_ptr + o_map, mask=m, other=0.0).to(tl.float32)
+    b_xhat = tl.load(xhat_ptr + o_map, mask=m_pd, other=0.0).to(tl.float32)
     b_z = b_xhat * b_gamma[None, :] + b_beta[None, :]
-    b_act = tl.where(m, _gelu(b_z), 0.0)
-    b_da = tl.load(p1_ptr + o_map, mask=m, other=0.0).to(tl.float32)
+    b_act = tl.where(m_pd, _gelu(b_z), 0.0)
+    b_da = tl.load(p1_ptr + o_map, mask=m_pd, other=0.0).to(tl.float32)
     if UPSAMPLE:
         # dA = P1 - M^T (c u), u = M act recomputed chunk by chunk
         b_act_lp = b_act.to(xhat_ptr.dtype.element_ty)
@@ -317,7 +318,7 @@ def _align_head_bwd_map_kernel(
         b_da -= b_radial
     else:
         b_da -= _radial_coef(gu_ptr, tok_rstd_ptr, i_b, o_p, m_p, N, n_dblocks)[:, None] * b_act
-    b_dz = tl.where(m, b_da * _gelu_grad(b_z), 0.0)
+    b_dz = tl.where(m_pd, b_da * _gelu_grad(b_z), 0.0)
 
     b_wdz = b_dz * b_gamma[None, :]
     count = HW * GROUP_SIZE * 1.0
@@ -328,7 +329,7 @@ def _align_head_bwd_map_kernel(
     o_sg = i_g * GROUPS + tl.arange(0, GROUPS)
     b_rstd = tl.load(gn_rstd_ptr + i_b * G + o_sg, mask=o_sg < G, other=0.0)[None, :]  # [1, GROUPS]
     b_dy = _sample_group_broadcast(b_rstd, 1, BLOCK_HW, GROUPS, GROUP_BLOCK) * (b_wdz - b_c1 - b_xhat * b_c2)
-    tl.store(dy_ptr + o_map, b_dy.to(dy_ptr.dtype.element_ty), mask=m)
+    tl.store(dy_ptr + o_map, b_dy.to(dy_ptr.dtype.element_ty), mask=m_pd)
     # dgamma, dbeta of this sample: [2, B, D] fp32 partials
     tl.store(dgb_ptr + i_b * D + o_d, tl.sum(b_dz * b_xhat, axis=0), mask=m_d)
     tl.store(dgb_ptr + (B + i_b) * D + o_d, tl.sum(b_dz, axis=0), mask=m_d)
@@ -406,22 +407,22 @@ def _align_head_reduce_kernel(
     i_p = tl.program_id(0).to(tl.int64)
     n_wblocks = tl.cdiv(n_w, BLOCK)
     if i_p < n_wblocks:
-        o = i_p * BLOCK + tl.arange(0, BLOCK)
-        m = o < n_w
+        o_i = i_p * BLOCK + tl.arange(0, BLOCK)
+        m_i = o_i < n_w
         b_sum = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in range(0, n_split):
-            b_sum += tl.load(wpart_ptr + s * n_w + o, mask=m, other=0.0)
-        tl.store(dw_ptr + o, b_sum.to(dw_ptr.dtype.element_ty), mask=m)
+            b_sum += tl.load(wpart_ptr + s * n_w + o_i, mask=m_i, other=0.0)
+        tl.store(dw_ptr + o_i, b_sum.to(dw_ptr.dtype.element_ty), mask=m_i)
     else:
-        o = (i_p - n_wblocks) * BLOCK + tl.arange(0, BLOCK)
-        m = o < D
+        o_i = (i_p - n_wblocks) * BLOCK + tl.arange(0, BLOCK)
+        m_i = o_i < D
         b_dgamma = tl.zeros((BLOCK,), dtype=tl.float32)
         b_dbeta = tl.zeros((BLOCK,), dtype=tl.float32)
         for b in range(0, B):
-            b_dgamma += tl.load(dgb_ptr + b * D + o, mask=m, other=0.0)
-            b_dbeta += tl.load(dgb_ptr + (B + b) * D + o, mask=m, other=0.0)
-        tl.store(dgamma_ptr + o, b_dgamma.to(dgamma_ptr.dtype.element_ty), mask=m)
-        tl.store(dbeta_ptr + o, b_dbeta.to(dbeta_ptr.dtype.element_ty), mask=m)
+            b_dgamma += tl.load(dgb_ptr + b * D + o_i, mask=m_i, other=0.0)
+            b_dbeta += tl.load(dgb_ptr + (B + b) * D + o_i, mask=m_i, other=0.0)
+        tl.store(dgamma_ptr + o_i, b_dgamma.to(dgamma_ptr.dtype.element_ty), mask=m_i)
+        tl.store(dbeta_ptr + o_i, b_dbeta.to(dbeta_ptr.dtype.element_ty), mask=m_i)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -770,6 +771,7 @@ def _align_head_setup_context(ctx, inputs, output):
     ctx.save_for_backward(feat, conv_weight, gn_weight, gn_bias, x_hat, gn_rstd, tok_rstd)
     ctx.num_groups, ctx.grid = num_groups, grid
     ctx.mark_non_differentiable(x_hat, mean, gn_rstd, tok_rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved-only outputs: launches saved
 
 
 def grads_or_none(ctx, grads):

@@ -1,130 +1,27 @@
 """Ahead-of-time compile of a Triton kernel for the H200 (sm_90a), no GPU needed.
 
-Used by the tests that check GPU code on CPU machines. Two halves:
-
-- What the JIT would compile: ``record_launches()`` runs an op's host code (on meta tensors: nothing is
-  allocated or launched) and records every ``kernel[grid](...)`` call; ``launch_spec`` turns one recorded
-  launch into the signature, constexprs and integer divisibility hints that Triton's JIT specialises on
-  (pointers 16-byte aligned, integers equal to 1 made constants, integers divisible by 16 marked so).
-  Any op's kernels go through the same two functions, so a test compiles exactly what the host launches.
-- What the compiler made of it: ``compile_for_h200`` compiles for GPUTarget("cuda", 90, 32) and reads
-  registers, spills and stack from ``ptxas -v``, shared memory from Triton's metadata, and from the SASS
-  whether matrix work runs on HGMMA (wgmma) and which global loads/stores are narrower than 32 bits,
-  inside the loops that run HGMMA (a GEMM's main loop) and anywhere. ptxas and cuobjdump are those
-  Triton's wheel bundles.
+Used by the tests that check GPU code on CPU machines. What to compile comes from
+``launch_count.record_launches(execute=False)``: an op's host code run at a real shape records every launch
+with its arguments, and ``Launch.specialization()`` gives what Triton's JIT compiles for them (pointers
+16-byte aligned, integers equal to 1 made constants, integers divisible by 16 marked so), so a test compiles
+exactly the kernel that runs. ``compile_for_h200`` compiles for GPUTarget("cuda", 90, 32) and reads
+registers, spills and stack from ``ptxas -v``, shared memory from Triton's metadata, whether the kernel
+multiplies matrices (tt.dot in its IR) and whether the SASS runs HGMMA (wgmma), and which global
+loads/stores are narrower than 32 bits, inside the loops that run HGMMA (a GEMM's main loop) and anywhere.
+ptxas and cuobjdump are those Triton's wheel bundles. ``h200_problems`` turns a report into the list of
+what is wrong with it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import math
 import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 H200_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 H200_SMS = 132  # streaming multiprocessors of an H200 (SXM)
-_POINTER_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int32": "i32",
-                  "int64": "i64", "int8": "i8", "uint8": "u8", "bool": "i1"}
-
-
-# --------------------------------------------------------------------------------------------------
-# What the host launches.
-
-
-@dataclass
-class Launch:
-    """One recorded ``kernel[grid](**kwargs)`` call."""
-
-    kernel: object  # the @triton.jit function (or its interpreted twin under TRITON_INTERPRET=1)
-    grid: tuple[int, ...]
-    kwargs: dict  # every argument by name, num_warps / num_stages included
-
-    @property
-    def fn(self):
-        return getattr(self.kernel, "fn", self.kernel)
-
-    @property
-    def name(self) -> str:
-        return self.fn.__name__
-
-    @property
-    def programs(self) -> int:
-        return math.prod(self.grid)
-
-
-@contextlib.contextmanager
-def record_launches() -> Iterator[list[Launch]]:
-    """Inside, ``kernel[grid](...)`` records the launch (kernel, grid, arguments by name) instead of running it.
-
-    Run an op's host functions on meta tensors inside to get the launches a real call makes, in order.
-    Positional launch arguments are bound to their parameter names.
-    """
-    from triton.runtime.jit import KernelInterface
-
-    launches: list[Launch] = []
-    original = KernelInterface.__getitem__
-
-    def recording_getitem(kernel, grid):
-        def record(*args, **kwargs):
-            fn = getattr(kernel, "fn", kernel)
-            bound = inspect.signature(fn).bind_partial(*args)
-            launches.append(Launch(kernel, tuple(int(g) for g in grid), {**bound.arguments, **kwargs}))
-
-        return record
-
-    KernelInterface.__getitem__ = recording_getitem
-    try:
-        yield launches
-    finally:
-        KernelInterface.__getitem__ = original
-
-
-def _is_constexpr(param: inspect.Parameter) -> bool:
-    return "constexpr" in str(param.annotation)
-
-
-def launch_spec(launch: Launch) -> dict:
-    """The compile spec of one launch as the JIT specialises it: ``module``, ``kernel`` (names),
-    ``signature``, ``constexprs``, ``divisible`` (integer arguments marked divisible by 16), ``num_warps``,
-    ``num_stages`` and ``grid``; the keyword arguments of ``compile_for_h200_isolated`` plus the grid."""
-    args = dict(launch.kwargs)
-    num_warps, num_stages = args.pop("num_warps", 4), args.pop("num_stages", 3)
-    signature, constexprs, divisible = {}, {}, []
-    params = inspect.signature(launch.fn).parameters
-    unknown = set(args) - set(params)
-    if unknown:
-        raise TypeError(f"{launch.name}: launched with unknown arguments {sorted(unknown)}")
-    for name, param in params.items():
-        if name in args:
-            value = args[name]
-        elif param.default is not inspect.Parameter.empty:
-            value = param.default
-        else:
-            raise TypeError(f"{launch.name}: argument {name!r} missing from the launch")
-        if _is_constexpr(param) or value is None:
-            signature[name], constexprs[name] = "constexpr", value
-        elif hasattr(value, "dtype") and hasattr(value, "data_ptr"):  # a tensor: a pointer, 16-byte aligned
-            signature[name] = "*" + _POINTER_TYPES[str(value.dtype).removeprefix("torch.")]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            if value == 1:  # the JIT makes an integer equal to 1 a constant
-                signature[name], constexprs[name] = "constexpr", 1
-            else:
-                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-                if value % 16 == 0:
-                    divisible.append(name)
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"{launch.name}: argument {name!r} of type {type(value).__name__}")
-    return {"module": launch.fn.__module__, "kernel": launch.name, "signature": signature, "constexprs": constexprs,
-            "divisible": tuple(divisible), "num_warps": num_warps, "num_stages": num_stages, "grid": launch.grid}
 
 
 def waves(programs: int, sms: int = H200_SMS) -> float:
@@ -258,16 +155,18 @@ def compile_for_h200_isolated(module: str, kernel: str, signature: dict, constex
     return KernelReport(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def compile_spec_isolated(spec: dict, timeout: float = 600) -> KernelReport:
-    """``compile_for_h200_isolated`` of a ``launch_spec``."""
-    return compile_for_h200_isolated(spec["module"], spec["kernel"], spec["signature"], spec["constexprs"],
-                                     spec["num_warps"], spec["num_stages"], timeout, spec["divisible"])
+def compile_launch_isolated(launch, module: str, timeout: float = 600) -> KernelReport:
+    """``compile_for_h200_isolated`` of a launch that ``launch_count.record_launches`` recorded (``module``: where
+    its kernel lives), with the JIT's specialisation of its arguments."""
+    signature, constexprs, divisible = launch.specialization()
+    return compile_for_h200_isolated(module, launch.kernel, signature, constexprs, launch.options.get("num_warps", 4),
+                                     launch.options.get("num_stages", 3), timeout, divisible)
 
 
-def h200_problems(spec: dict, report: KernelReport, min_waves: float | None = 2.0) -> list[str]:
+def h200_problems(report: KernelReport, programs: int | None, min_waves: float = 2.0) -> list[str]:
     """What is wrong with one kernel's H200 build (empty: nothing): spills, shared memory above the limit,
     tl.dot not on HGMMA, global loads/stores narrower than 32 bits in a loop that runs HGMMA (a GEMM's main
-    loop), and fewer than ``min_waves`` waves of programs on the 132 SMs (None: not checked)."""
+    loop), and a launch of ``programs`` with fewer than ``min_waves`` waves on the 132 SMs (None: not checked)."""
     problems = []
     if report.spills:
         problems.append(f"spills {report.spill_stores} B stored, {report.spill_loads} B loaded")
@@ -277,8 +176,7 @@ def h200_problems(spec: dict, report: KernelReport, min_waves: float | None = 2.
         problems.append("tl.dot did not lower to HGMMA (wgmma)")
     if report.narrow_in_mma_loop:
         problems.append(f"narrow global accesses in the GEMM main loop: {report.narrow_in_mma_loop[:8]}")
-    programs = math.prod(spec["grid"])
-    if min_waves is not None and waves(programs) < min_waves:
+    if programs is not None and waves(programs) < min_waves:
         problems.append(f"{programs} programs: {waves(programs):.2f} waves < {min_waves}")
     return problems
 

@@ -1,40 +1,12 @@
-"""kernels/aot.py: the launch recorder and the JIT's specialisation, and the SASS checks, on a known-bad and a
-known-good build of one small GEMM (the same kernel; only the divisibility hint of one stride differs)."""
+"""kernels/aot.py's SASS checks, on a made-up listing and on a known-bad and a known-good build of one small
+GEMM (the same kernel; only the divisibility hint of one stride differs)."""
 
 from __future__ import annotations
 
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-import triton
-import triton.language as tl
-
 from repa_fast.kernels import aot
-
-
-@triton.jit
-def _scale_kernel(x_ptr, out_ptr, n, stride, alpha, BLOCK: tl.constexpr):
-    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + o, alpha * tl.load(x_ptr + o * stride, mask=o < n), mask=o < n)
-
-
-def test_record_launches_gives_the_jit_specialisation():
-    x = torch.empty(64, dtype=torch.bfloat16, device="meta")
-    out = torch.empty(64, dtype=torch.float32, device="meta")
-    with aot.record_launches() as launches:
-        _scale_kernel[(4,)](x, out_ptr=out, n=64, stride=1, alpha=0.5, BLOCK=16)  # nothing runs (meta tensors)
-        _scale_kernel[(3, 2)](x_ptr=x, out_ptr=out, n=47, stride=32, alpha=2.0, BLOCK=16, num_warps=2)
-    assert [(launch.name, launch.grid, launch.programs) for launch in launches] == [
-        ("_scale_kernel", (4,), 4), ("_scale_kernel", (3, 2), 6)]
-    first, second = (aot.launch_spec(launch) for launch in launches)
-    assert first["signature"] == {"x_ptr": "*bf16", "out_ptr": "*fp32", "n": "i32", "stride": "constexpr",
-                                  "alpha": "fp32", "BLOCK": "constexpr"}
-    assert first["constexprs"] == {"stride": 1, "BLOCK": 16} and first["divisible"] == ("n",)
-    assert second["signature"]["stride"] == "i32" and second["divisible"] == ("stride",)
-    assert (second["num_warps"], second["num_stages"], second["module"]) == (2, 3, __name__)
-    assert aot.waves(264) == 2.0
-
 
 SASS = """
         /*0100*/                   LDG.E.U16 R2, desc[UR4][R4.64] ;
@@ -88,9 +60,8 @@ def test_sass_check_tells_scalar_from_vector_loads(tmp_path):
 
     with ThreadPoolExecutor(2) as pool:
         scalar, vector = pool.map(build, [("K",), ("K", "stride_row")])
-    spec = {"grid": (264,)}
     assert scalar.dot and scalar.hgmma and vector.dot and vector.hgmma
     assert scalar.narrow_in_mma_loop and all("LDG.E.U16" in a for a in scalar.narrow_in_mma_loop)
-    assert any("narrow global accesses" in p for p in aot.h200_problems(spec, scalar))
-    assert not vector.narrow_global and aot.h200_problems(spec, vector) == []
-    assert aot.h200_problems({"grid": (131,)}, vector) == ["131 programs: 0.99 waves < 2.0"]
+    assert any("narrow global accesses" in p for p in aot.h200_problems(scalar, 264))
+    assert not vector.narrow_global and aot.h200_problems(vector, 264) == aot.h200_problems(vector, None) == []
+    assert aot.h200_problems(vector, 131) == ["131 programs: 0.99 waves < 2.0"]

@@ -8,17 +8,19 @@ error, with the same random upstream gradients of (L_token, L_manifold).
 
 from __future__ import annotations
 
+import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from kernel_testing import FP32_RTOL, assert_close, float64_oracle, outputs_and_grads, tolerance
+from kernel_testing import FP32_RTOL, assert_close, float64_oracle, outputs_and_grads, rel_err, tolerance
 from test_kernel_align_head import SHAPES, recorded_launches
 
 import repa_fast.kernels.align_branch as kab
 from repa_fast.kernels import aot
 from repa_fast.kernels.align_branch import MAX_BATCH, align_branch_backward, align_branch_forward, align_branch_loss
+from repa_fast.kernels.launch_count import count_launches, record_launches
 from repa_fast.losses import manifold_gram_loss, token_loss
 from repa_fast.models.align_head import AlignHead
 
@@ -147,6 +149,33 @@ def test_saves_no_token_sized_tensor():
     assert new and all(torch.Size(s).numel() < y.numel() for s in new), new  # x_hat is 1/4 of the tokens
 
 
+def test_launches_per_forward_and_backward():
+    # Forward: the head's projection, the token kernel, the partial Grams, the losses; backward: the pass over y
+    # and the head's map, dX, dW and reduce kernels. No torch op that runs a kernel.
+    head, feat, w, gamma, beta, y, _ = make_case(*CASES["upsample_batch3"], torch.float32, seed=12)
+    leaves = [t.requires_grad_() for t in (feat, w, gamma, beta)]
+    grads = [torch.tensor(1.0, device=feat.device), torch.tensor(3.0, device=feat.device)]
+    torch.autograd.grad(align_branch_loss(*leaves, 8, head.grid, 1e-5, y), leaves, grads)  # first call: caches
+    with count_launches() as count:
+        torch.autograd.grad(align_branch_loss(*leaves, 8, head.grid, 1e-5, y), leaves, grads)
+    assert count.triton == [
+        "_align_head_proj_kernel", "_align_branch_token_kernel", "_align_branch_gram_partial_kernel",
+        "_align_branch_loss_kernel", "_align_branch_bwd_token_kernel", "_align_head_bwd_map_kernel",
+        "_align_head_dx_kernel", "_align_head_dw_kernel", "_align_head_reduce_kernel"]
+    assert count.torch_ops == [], count
+
+
+def test_one_loss_used():
+    # Only L_token reaches the loss: L_manifold's gradient is zero (not materialised by autograd; made here).
+    head, feat, w, gamma, beta, y, upstream = make_case(*CASES["batch1"], torch.float32, seed=13)
+    expected = reference(head, feat, w, gamma, beta, y, False, False, [upstream[0], 0.0 * upstream[1]])
+    leaves = [t.requires_grad_() for t in (feat, w, gamma, beta)]
+    lt, _ = align_branch_loss(*leaves, 8, head.grid, 1e-5, y)
+    grads = torch.autograd.grad(lt * upstream[0], leaves)
+    actual = dict(zip(NAMES[2:], grads, strict=True))
+    assert_close(actual, {name: expected[name] for name in NAMES[2:]}, tolerances(torch.float32))
+
+
 def test_input_errors():
     head, feat, w, gamma, beta, y, _ = make_case(*CASES["upsample_batch3"], torch.float32, seed=9)
     with pytest.raises(ValueError, match=r"y \(the DINO tokens\) must be \[3,64,64\]"):
@@ -200,6 +229,37 @@ def test_torch_compile_fullgraph_equals_eager():
 
 
 # ---------------------------------------------------------------------------------------------------
+# GPU: bf16 at the real shapes (REPA_FAST_GPU_TESTS=1 pytest -m gpu), y fp16 (the DINO cache).
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("map_hw", [(8, 8), (16, 16)], ids=["8x8", "16x16"])
+def test_bf16_real_shape_on_gpu(map_hw):
+    dtype = torch.bfloat16
+    case = make_case(48, 1280, 1024, 32, map_hw, 16, dtype, y_dtype=torch.float16, seed=14, device="cuda")
+    head, feat, w, gamma, beta, y, _ = case
+    upstream = list(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    expected = reference(head, feat, w, gamma, beta, y, False, True, upstream)
+    actual = fused(head, feat, w, gamma, beta, y, False, True, upstream)
+    # Eager PyTorch in bf16 on the same inputs (the head in bf16, the losses in fp32 from its bf16 tokens): the
+    # fused op must be about as accurate.
+    eager_head = copy.deepcopy(head).to(dtype)
+
+    def eager_losses(feat, w, gamma, beta, y):
+        tokens = reference_tokens(eager_head, feat, w, gamma, beta)
+        return token_loss(tokens, y), manifold_gram_loss(tokens, y, False, True)
+
+    (lt, lm), grads = outputs_and_grads(eager_losses, (feat, w, gamma, beta, y), [0, 1, 2, 3], upstream)
+    eager = dict(zip(NAMES, (lt, lm, *grads), strict=True))
+    for name in NAMES:
+        err, eager_err = rel_err(actual[name], expected[name]), rel_err(eager[name], expected[name])
+        assert err < 2e-2 and err <= 2 * eager_err + 2e-3, f"{name}: {err:.2e} (eager bf16 {eager_err:.2e})"
+    # Deterministic: no atomics, so a second run gives the same bits.
+    again = fused(head, feat, w, gamma, beta, y, False, True, upstream)
+    assert all(torch.equal(actual[name], again[name]) for name in NAMES)
+
+
+# ---------------------------------------------------------------------------------------------------
 # H200 build, checked ahead of time on CPU at the real shapes (those of test_kernel_align_head.py: 8x8 -> 16x16
 # and 16x16 without resampling), bf16 head, fp16 DINO tokens: the launches of one forward + backward.
 
@@ -217,43 +277,43 @@ def recorded_branch_launches(batch, in_ch, map_hw, grid, D, num_groups, dtype=to
     w = torch.empty(D, in_ch, 1, 1, dtype=dtype, device=meta)
     gamma, beta = torch.empty(D, dtype=dtype, device=meta), torch.empty(D, dtype=dtype, device=meta)
     y = torch.empty(batch, grid[0] * grid[1], D, dtype=torch.float16, device=meta)
-    with aot.record_launches() as launches:
+    with record_launches(execute=False) as launches:
         lt, lm, *saved = align_branch_forward(feat, w, gamma, beta, num_groups, grid, 1e-5, y, False, True)
         align_branch_backward(torch.empty_like(lt), torch.empty_like(lm), feat, w, gamma, beta, y, *saved,
                               num_groups, grid)
     return launches
 
 
-BRANCH_SPECS = {shape: [aot.launch_spec(launch) for launch in recorded_branch_launches(**kw)]
-                for shape, kw in SHAPES.items()}
+BRANCH_LAUNCHES = {shape: recorded_branch_launches(**kw) for shape, kw in SHAPES.items()}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_h200_branch_reuses_the_head_kernels(shape):
-    # The head's kernels run with the head's own specs, so test_kernel_align_head.py's build checks cover them.
-    names = sorted(s["kernel"] for s in BRANCH_SPECS[shape])
-    assert names == sorted(BRANCH_KERNELS + HEAD_KERNELS_USED)
-    head = {s["kernel"]: s for s in map(aot.launch_spec, recorded_launches(**SHAPES[shape]))}
-    for spec in BRANCH_SPECS[shape]:
-        if spec["kernel"] in HEAD_KERNELS_USED:
-            assert spec == head[spec["kernel"]], spec["kernel"]
+    # The head's kernels run as the head launches them, so test_kernel_align_head.py's build checks cover them.
+    assert sorted(launch.kernel for launch in BRANCH_LAUNCHES[shape]) == sorted(BRANCH_KERNELS + HEAD_KERNELS_USED)
+    head = {launch.kernel: launch for launch in recorded_launches(**SHAPES[shape])}
+    for launch in BRANCH_LAUNCHES[shape]:
+        if launch.kernel in HEAD_KERNELS_USED:
+            mine, theirs = launch.specialization(), head[launch.kernel].specialization()
+            assert mine == theirs and launch.grid == head[launch.kernel].grid, launch.kernel
+            assert launch.options == head[launch.kernel].options, launch.kernel
 
 
 @pytest.fixture(scope="module")
 def h200_branch_reports():
-    jobs = [(shape, spec) for shape, specs in BRANCH_SPECS.items() for spec in specs
-            if spec["kernel"] in BRANCH_KERNELS]
+    jobs = [(shape, launch) for shape, launches in BRANCH_LAUNCHES.items() for launch in launches
+            if launch.kernel in BRANCH_KERNELS]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        reports = list(pool.map(lambda job: aot.compile_spec_isolated(job[1]), jobs))
-    return {(shape, spec["kernel"]): (spec, report) for (shape, spec), report in zip(jobs, reports, strict=True)}
+        reports = list(pool.map(lambda job: aot.compile_launch_isolated(job[1], kab.__name__), jobs))
+    return {(shape, launch.kernel): (launch, report) for (shape, launch), report in zip(jobs, reports, strict=True)}
 
 
 @pytest.mark.parametrize("kernel", BRANCH_KERNELS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_h200_build(h200_branch_reports, shape, kernel):
-    spec, report = h200_branch_reports[shape, kernel]
+    launch, report = h200_branch_reports[shape, kernel]
     dots = {"_align_branch_gram_partial_kernel"} | ({"_align_branch_bwd_token_kernel"} if shape == "mid" else set())
     assert report.dot == (kernel in dots)
-    problems = aot.h200_problems(spec, report, min_waves=None if kernel in SMALL_GRID else 2.0)
+    problems = aot.h200_problems(report, None if kernel in SMALL_GRID else launch.programs)
     assert not problems, (problems, report.ptxas_log)
     assert not report.narrow_global

@@ -23,6 +23,7 @@ from kernel_testing import rel_err, tolerance
 import repa_fast.kernels.align_head as kah
 from repa_fast.kernels import aot
 from repa_fast.kernels.align_head import align_head, align_head_backward, align_head_forward
+from repa_fast.kernels.launch_count import count_launches, record_launches
 from repa_fast.models.align_head import AlignHead
 
 # fp32: the kernels accumulate in fp32 (observed ~2e-7). fp16: the inputs are the same rounded values
@@ -237,6 +238,19 @@ def test_torch_compile_fullgraph_equals_eager():
         assert torch.equal(eager, compiled), name  # the same kernels in the same order
 
 
+def test_launches_per_forward_and_backward():
+    # Two kernels forward, five backward, no torch op that runs a kernel (the upstream gradient is contiguous).
+    feat, w, gamma, beta, grad = small_inputs()
+    align_head(feat, w, gamma, beta, 8, (8, 8)).backward(grad)  # first call: the bilinear matrix, cached
+    with count_launches() as count:
+        tokens = align_head(feat, w, gamma, beta, 8, (8, 8))
+        torch.autograd.grad(tokens, [feat, w, gamma, beta], grad)
+    assert count.triton == ["_align_head_proj_kernel", "_align_head_token_kernel", "_align_head_bwd_token_kernel",
+                            "_align_head_bwd_map_kernel", "_align_head_dx_kernel", "_align_head_dw_kernel",
+                            "_align_head_reduce_kernel"]
+    assert count.torch_ops == [], count
+
+
 def test_gradients_only_where_needed():
     # The backward op skips the dX and dW GEMMs for inputs that need no gradient; the others are unchanged.
     feat, w, gamma, beta, grad = small_inputs()
@@ -263,12 +277,12 @@ ALL_KERNELS = sorted(name for name in vars(kah) if name.startswith("_align_head"
 
 
 def recorded_launches(batch, in_ch, map_hw, grid, D, num_groups, dtype=torch.bfloat16):
-    """The launches of one forward + backward at this shape, recorded on meta tensors."""
+    """The launches of one forward + backward at this shape, recorded on meta tensors (nothing runs)."""
     meta = torch.device("meta")
     feat = torch.empty(batch, in_ch, *map_hw, dtype=dtype, device=meta)
     conv_weight = torch.empty(D, in_ch, 1, 1, dtype=dtype, device=meta)
     gamma, beta = torch.empty(D, dtype=dtype, device=meta), torch.empty(D, dtype=dtype, device=meta)
-    with aot.record_launches() as launches:
+    with record_launches(execute=False) as launches:
         tokens, x_hat, _mean, rstd, tok_rstd = align_head_forward(feat, conv_weight, gamma, beta, num_groups, grid,
                                                                   1e-5)
         align_head_backward(torch.empty_like(tokens), feat, conv_weight, gamma, beta, x_hat, rstd, tok_rstd,
@@ -276,20 +290,23 @@ def recorded_launches(batch, in_ch, map_hw, grid, D, num_groups, dtype=torch.bfl
     return launches
 
 
-SPECS = {shape: [aot.launch_spec(launch) for launch in recorded_launches(**kw)] for shape, kw in SHAPES.items()}
+LAUNCHES = {shape: recorded_launches(**kw) for shape, kw in SHAPES.items()}
 
 
 @pytest.fixture(scope="module")
 def h200_reports():
-    jobs = [(shape, spec) for shape, specs in SPECS.items() for spec in specs]
+    jobs = [(shape, launch) for shape, launches in LAUNCHES.items() for launch in launches]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        reports = list(pool.map(lambda job: aot.compile_spec_isolated(job[1]), jobs))
-    return {(shape, spec["kernel"]): (spec, report) for (shape, spec), report in zip(jobs, reports, strict=True)}
+        reports = list(pool.map(lambda job: aot.compile_launch_isolated(job[1], kah.__name__), jobs))
+    return {(shape, launch.kernel): (launch, report) for (shape, launch), report in zip(jobs, reports, strict=True)}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_h200_every_kernel_is_launched_once(shape):
-    assert sorted(s["kernel"] for s in SPECS[shape]) == ALL_KERNELS
+    assert sorted(launch.kernel for launch in LAUNCHES[shape]) == ALL_KERNELS
+    for launch in LAUNCHES[shape]:  # pointers 16-byte aligned, as the JIT sees CUDA allocations
+        signature, _, divisible = launch.specialization()
+        assert {name for name, kind in signature.items() if kind.startswith("*")} <= set(divisible), launch.kernel
 
 
 # The kernels that multiply matrices at each shape (without resampling the backward token-stage kernels do not).
@@ -303,9 +320,10 @@ DOT_KERNELS = {"mid": GEMM_KERNELS | {"_align_head_bwd_token_kernel", "_align_he
 def test_h200_build(h200_reports, shape, kernel):
     # No spills, shared memory within the limit, every tl.dot on HGMMA, nothing narrower than 32 bits in a GEMM
     # main loop, at least two waves of programs on the 132 SMs.
-    spec, report = h200_reports[shape, kernel]
+    launch, report = h200_reports[shape, kernel]
     assert report.dot == (kernel in DOT_KERNELS[shape])
-    assert not aot.h200_problems(spec, report), (aot.h200_problems(spec, report), report.ptxas_log)
+    problems = aot.h200_problems(report, launch.programs)
+    assert not problems, (problems, report.ptxas_log)
     # At these shapes every global access of every kernel is at least 32 bits wide (the map, the tokens, dX).
     assert not report.narrow_global
 
@@ -317,18 +335,19 @@ def test_h200_blocks_meet_the_tiling_rules():
                                        kw["num_groups"], torch.bfloat16)
         assert blocks.proj_samples * blocks.block_hw >= 128 and blocks.block_hw == kw["map_hw"][0] * kw["map_hw"][1]
         assert blocks.dw_split > 1 and blocks.dw_k_per_split % blocks.dw_block_k == 0
-    launches = {launch.name: launch for launch in recorded_launches(**SHAPES["mid"])}
-    assert launches["_align_head_dx_kernel"].kwargs["M"] == 48 * 64
+    launches = {launch.kernel: launch for launch in LAUNCHES["mid"]}
+    assert launches["_align_head_dx_kernel"].args["M"] == 48 * 64
 
 
 # ---------------------------------------------------------------------------------------------------
-# GPU: bf16 at the real shape.
+# GPU: bf16 at the real shapes (REPA_FAST_GPU_TESTS=1 pytest -m gpu): 8x8 -> 16x16 and 16x16 without resampling.
 
 
 @pytest.mark.gpu
-def test_bf16_real_shape_on_gpu():
+@pytest.mark.parametrize("map_hw", [(8, 8), (16, 16)], ids=["8x8", "16x16"])
+def test_bf16_real_shape_on_gpu(map_hw):
     dtype, dev = torch.bfloat16, "cuda"
-    ref, feat, grad = make_case(48, 1280, 1024, 32, (8, 8), 16, dtype, seed=5, device=dev)
+    ref, feat, grad = make_case(48, 1280, 1024, 32, map_hw, 16, dtype, seed=5, device=dev)
     expected, actual = reference_and_kernel(ref, feat, grad, dtype)
     # Eager PyTorch in bf16 on the same inputs: the fused op must be about as accurate.
     eager = AlignHead(1280, 1024, 256, 32).to(dev, dtype)
