@@ -16,10 +16,10 @@ CUDA; without it, says so and exits 0 (it is not part of CI).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
+from bench_align_head import head_parser
 from bench_align_head import make_inputs as head_inputs
 from bench_common import (
     floors_us,
@@ -118,14 +118,7 @@ def launches(impls, head, feat0: torch.Tensor, y: torch.Tensor) -> dict[str, int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=False, help="JSON file for the result rows")
-    parser.add_argument("--batch", type=int, default=48)
-    parser.add_argument("--in-ch", type=int, default=1280)
-    parser.add_argument("--map", type=int, default=8, help="side of the square feature map")
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--groups", type=int, default=32)
+    parser = head_parser(__doc__.splitlines()[0])
     parser.add_argument("--upper-only", action="store_true")
     parser.add_argument("--mask-diag", action="store_true")
     args = parser.parse_args(argv)

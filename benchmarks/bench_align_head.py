@@ -112,8 +112,9 @@ def launches(impls, head, feat0: torch.Tensor, grad: torch.Tensor) -> dict[str, 
     return launches_per_step(impls, step)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def head_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark of the head: --out and the shape (default the real one)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=False, help="JSON file for the result rows")
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--in-ch", type=int, default=1280)
@@ -121,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--groups", type=int, default=32)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = head_parser(__doc__.splitlines()[0]).parse_args(argv)
     if not gpu_ready("bench_align_head"):
         return 0
 

@@ -42,8 +42,8 @@ from .align_head import (
     NORM_EPS,
     TARGET_PROGRAMS,
     AlignHeadBlocks,
+    _bwd_map_act,
     _bwd_token_chunk,
-    _map_act,
     _rows_contiguous,
     _token_rows,
     align_head_blocks,
@@ -204,12 +204,7 @@ def _align_branch_bwd_token_kernel(
     b_sg = (tl.sum(b_s[:, None] * b_pc, axis=0) - b_pb * radial) / (tl.maximum(n_b, _EPS) * N)  # [BLOCK_D]
     token_grad = g_token / (B * N)
 
-    o_p = tl.arange(0, BLOCK_HW)
-    m_p = o_p < HW
-    b_gamma = tl.load(gamma_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(beta_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_act = _map_act(xhat_ptr + i_b * HW * D, o_p, m_p, b_gamma, b_beta, o_d, m_d, D)  # [BLOCK_HW, BLOCK_D]
-    b_act_lp = b_act.to(xhat_ptr.dtype.element_ty)
+    o_p, m_p, b_act, b_act_lp = _bwd_map_act(xhat_ptr, gamma_ptr, beta_ptr, i_b, o_d, m_d, D, HW, BLOCK_HW)
     b_p1 = tl.zeros((BLOCK_HW, BLOCK_D), dtype=tl.float32)
     for t0 in range(0, N, BLOCK_T):
         o_t = t0 + tl.arange(0, BLOCK_T)

@@ -161,6 +161,18 @@ def _bwd_token_chunk(b_g, b_r, b_act, b_act_lp, b_p1, p_interp, o_t, m_t, o_p, m
     return b_p1, tl.sum(b_g * b_u, axis=1)
 
 
+@triton.jit
+def _bwd_map_act(xhat_ptr, gamma_ptr, beta_ptr, i_b, o_d, m_d, D, HW: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The whole map of sample i_b at channels o_d, for the pass over the token gradient: (positions, their mask,
+    act fp32 [BLOCK_HW, BLOCK_D], act in the map's dtype for tl.dot)."""
+    o_p = tl.arange(0, BLOCK_HW)
+    m_p = o_p < HW
+    b_gamma = tl.load(gamma_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_act = _map_act(xhat_ptr + i_b * HW * D, o_p, m_p, b_gamma, b_beta, o_d, m_d, D)
+    return o_p, m_p, b_act, b_act.to(xhat_ptr.dtype.element_ty)
+
+
 # --------------------------------------------------------------------------------------------------
 # Forward.
 
@@ -248,14 +260,9 @@ def _align_head_bwd_token_kernel(
 ):
     i_d = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
-    o_p = tl.arange(0, BLOCK_HW)
-    m_p = o_p < HW
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    b_gamma = tl.load(gamma_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_beta = tl.load(beta_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_act = _map_act(xhat_ptr + i_b * HW * D, o_p, m_p, b_gamma, b_beta, o_d, m_d, D)  # [BLOCK_HW, BLOCK_D]
-    b_act_lp = b_act.to(xhat_ptr.dtype.element_ty)
+    o_p, m_p, b_act, b_act_lp = _bwd_map_act(xhat_ptr, gamma_ptr, beta_ptr, i_b, o_d, m_d, D, HW, BLOCK_HW)
     b_p1 = tl.zeros((BLOCK_HW, BLOCK_D), dtype=tl.float32)
     for t0 in range(0, N, BLOCK_T):
         o_t = t0 + tl.arange(0, BLOCK_T)
