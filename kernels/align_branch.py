@@ -239,6 +239,7 @@ class AlignBranchBlocks:
     block_b: int  # the Grams' side, B padded
     gram_chunk: int  # channels per partial-Gram program
     gram_chunks: int
+    gram_warps: int  # the [B, B] kernels: six [block_b, block_b] fp32 tiles live in the loss kernel
 
 
 def align_branch_blocks(batch: int, in_ch: int, map_hw: tuple[int, int], grid: tuple[int, int], D: int,
@@ -255,12 +256,14 @@ def align_branch_blocks(batch: int, in_ch: int, map_hw: tuple[int, int], grid: t
     splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, batch), triton.cdiv(N, 16)))
     tokens_per_split = triton.cdiv(triton.cdiv(N, splits), token_rows) * token_rows
     gram_chunk = max(16, min(GRAM_CHUNK, triton.next_power_of_2(D)))
+    block_b = max(16, triton.next_power_of_2(batch))
     return AlignBranchBlocks(
         head=head, token_rows=token_rows, token_block_d=head.token_block_d,
         # five [token_rows, D] fp32 tiles live (u, t, y and the two running sums)
         token_warps=8 if token_rows * head.token_block_d > 1024 else 4,
         tokens_per_split=tokens_per_split, splits=triton.cdiv(N, tokens_per_split),
-        block_b=max(16, triton.next_power_of_2(batch)), gram_chunk=gram_chunk, gram_chunks=triton.cdiv(D, gram_chunk),
+        block_b=block_b, gram_chunk=gram_chunk, gram_chunks=triton.cdiv(D, gram_chunk),
+        gram_warps=4 if block_b <= 64 else 16,
     )
 
 
@@ -306,7 +309,7 @@ def align_branch_forward(feat, conv_weight, gn_weight, gn_bias, num_groups: int,
     _align_branch_gram_partial_kernel[(blocks.gram_chunks,)](
         sum_ptr=sums, mx_ptr=mx, gram_part_ptr=gram_part,
         B=B, N=N, D=D, n_splits=blocks.splits,
-        BLOCK_B=blocks.block_b, BLOCK_K=blocks.gram_chunk, num_warps=4, num_stages=1,
+        BLOCK_B=blocks.block_b, BLOCK_K=blocks.gram_chunk, num_warps=blocks.gram_warps, num_stages=1,
     )
     loss_token = torch.empty((), dtype=f32, device=dev)
     loss_manifold = torch.empty((), dtype=f32, device=dev)
@@ -318,7 +321,7 @@ def align_branch_forward(feat, conv_weight, gn_weight, gn_bias, num_groups: int,
         gram_ptr=gram, dgram_ptr=dgram, nx_ptr=nx,
         B=B, N=N, n_chunks=blocks.gram_chunks, n_cos=B * blocks.splits,
         UPPER_ONLY=bool(upper_only), MASK_DIAG=bool(mask_diag), BLOCK_B=blocks.block_b, BLOCK_COS=256,
-        num_warps=4, num_stages=1,
+        num_warps=blocks.gram_warps, num_stages=1,
     )
     return loss_token, loss_manifold, x_hat, gn_rstd, tok_rstd, y_rstd, mx, nx, gram, dgram
 
