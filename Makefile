@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.repa-fast-installed
 
-.PHONY: install test lint demo bench bench-gpu clean
+.PHONY: install test lint demo bench bench-gpu aot-triton36 clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only
+
+# The sm_90 ahead-of-time checks of every kernel (no GPU needed) under Triton 3.6, the version of CUDA torch 2.11
+# wheels and of the lent H200, installed beside the venv's own Triton (pip here picks the newest).
+TRITON36 := $(VENV)/triton-3.6.0
+$(TRITON36)/triton/__init__.py: | $(STAMP)
+	$(PY) -m pip install --no-deps --target $(TRITON36) triton==3.6.0
+
+aot-triton36: $(TRITON36)/triton/__init__.py
+	PYTHONPATH=$(TRITON36) $(PY) -c "import triton; assert triton.__version__ == '3.6.0', triton.__file__"
+	PYTHONPATH=$(TRITON36) $(PY) -m pytest -q tests/test_aot.py tests/test_kernel_align_head.py \
+		tests/test_kernel_align_branch.py tests/test_kernel_align_loss.py -k "aot or h200"
 
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/gpu_report.py --out benchmarks/results/gpu_$(shell date +%F)

@@ -8,8 +8,9 @@ and the peak memory of forward+backward above the inputs, at the real shape: fea
 weights bf16. Beside each time is the floor: the larger of its bytes at ~4.3 TB/s and its GEMM FLOPs at
 ~790 TFLOP/s (the H200 rates measured in this workplace, DESIGN.md). Forward must read feat and W and
 write the tokens (2 B*HW*C*D FLOPs); backward must read the upstream gradient, feat and W and write
-dfeat and dW (two GEMMs, 4 B*HW*C*D FLOPs). Writes one JSON row per (implementation, pass) with the GPU
-name, the date and the command. Needs CUDA; without it, says so and exits 0 (it is not part of CI).
+dfeat and dW (two GEMMs, 4 B*HW*C*D FLOPs). Also the kernel launches of one forward+backward of eager and
+fused (kernels/launch_count.py; counted the same way on a CPU). Writes one JSON row per (implementation,
+pass) with the GPU name, the date and the command. Needs CUDA; without it, says so and exits 0 (it is not part of CI).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import functools
 import sys
 
 import torch
-from bench_common import floors_us, gpu_ready, max_relative_difference, print_floors, time_passes, time_table
+from bench_common import (
+    floors_us,
+    gpu_ready,
+    launches_per_step,
+    max_relative_difference,
+    print_floors,
+    time_passes,
+    time_table,
+)
 from torch._functorch import config as functorch_config
 
 # measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
@@ -93,8 +102,19 @@ def check_agreement(impls, head, feat0: torch.Tensor, grad: torch.Tensor) -> dic
     return max_relative_difference(results)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def launches(impls, head, feat0: torch.Tensor, grad: torch.Tensor) -> dict[str, int | None]:
+    """Kernel launches of one forward+backward (tokens, then the gradients of feat and the head's parameters)
+    per implementation (None: compiled, not counted)."""
+    def step(fn):
+        feat = feat0.detach().clone().requires_grad_()
+        return lambda: torch.autograd.grad(fn(feat), [feat, *head.parameters()], grad)
+
+    return launches_per_step(impls, step)
+
+
+def head_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark of the head: --out and the shape (default the real one)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=False, help="JSON file for the result rows")
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--in-ch", type=int, default=1280)
@@ -102,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--groups", type=int, default=32)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = head_parser(__doc__.splitlines()[0]).parse_args(argv)
     if not gpu_ready("bench_align_head"):
         return 0
 
@@ -121,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     fields = {"feat_shape": list(feat.shape), "tokens": args.tokens, "dim": args.dim, "groups": args.groups,
               "dtype": "bfloat16"}
     time_table("align_head", impls, lambda fn, q: measure(fn, head, feat, grad, q),
-               {p: f["floor_us"] for p, f in floors.items()}, floors, fields, args.out)
+               {p: f["floor_us"] for p, f in floors.items()}, floors, fields, args.out,
+               launches(impls, head, feat, grad))
     return 0
 
 

@@ -66,9 +66,21 @@ def loss_agreement(impls: dict, weights, x0: torch.Tensor, y: torch.Tensor) -> d
 
 def loss_launches(impls: dict, weights, x0: torch.Tensor, y: torch.Tensor,
                   uncounted: tuple[str, ...] = ("compiled",)) -> dict[str, int | None]:
-    """Kernel launches of one forward+backward of each implementation (kernels/launch_count.py: Triton launches
-    and the torch ops that run a kernel); None for ``uncounted`` ones (compiled: the counter does not see the
-    kernels inductor generates and launches)."""
+    """Kernel launches of one forward+backward of each loss implementation ``fn(x, y)`` (``launches_per_step``)."""
+    grads = [torch.full((), w, dtype=torch.float32, device=x0.device) for w in weights]
+
+    def step(fn):
+        leaf = x0.detach().clone().requires_grad_()
+        return lambda: torch.autograd.grad(fn(leaf, y), leaf, grads)
+
+    return launches_per_step(impls, step, uncounted)
+
+
+def launches_per_step(impls: dict, step, uncounted: tuple[str, ...] = ("compiled",)) -> dict[str, int | None]:
+    """Kernel launches of one forward+backward of each implementation: ``step(fn)`` makes its inputs and returns
+    the call to count (kernels/launch_count.py: Triton launches and the torch ops that run a kernel), counted
+    after one uncounted call (first-call work: autotuning, caches); None for ``uncounted`` ones (compiled: the
+    counter does not see the kernels inductor generates and launches)."""
     from repa_fast.kernels.launch_count import count_launches
 
     counts = {}
@@ -76,11 +88,10 @@ def loss_launches(impls: dict, weights, x0: torch.Tensor, y: torch.Tensor,
         if name in uncounted:
             counts[name] = None
             continue
-        losses_and_grad(fn, weights, x0, y)  # first-call work (autotuning, caches) outside the count
-        leaf = x0.detach().clone().requires_grad_()
-        grads = [torch.full((), w, dtype=torch.float32, device=x0.device) for w in weights]
+        step(fn)()
+        run = step(fn)
         with count_launches() as count:
-            torch.autograd.grad(fn(leaf, y), leaf, grads)
+            run()
         counts[name] = count.launches
     return counts
 

@@ -8,12 +8,13 @@ Writes DIR/gpu_report.json (one row per measurement, each with the machine, the 
 DIR/gpu_report.md (the table; ``benchmarks/update_readme.py`` puts it into the README), and prints the
 table last. Parts (``--parts``):
 
-  op        AlignHead (8x8 map -> 16x16 tokens), the alignment loss and the token-form manifold loss at B=48,
+  op        AlignHead (8x8 map -> 16x16 tokens), the alignment loss, the token-form manifold loss and the
+            whole REPA branch (head + alignment loss; fused: one op whose tokens never reach memory) at B=48,
             C=1280, N=256, D=1024, bf16 (y fp16, the DINO cache): eager / torch.compile / fused; forward,
             backward, both; the peak memory of both above the inputs; the floor (bytes at 4.3 TB/s, FLOPs at
-            790 TFLOP/s); the losses' kernel launches per forward+backward (kernels/launch_count.py). The
-            functions of bench_align_head.py, bench_align_loss.py and bench_token_gram.py, timed by
-            triton.testing.do_bench.
+            790 TFLOP/s) and each time's ratio to it; the kernel launches per forward+backward
+            (kernels/launch_count.py). The functions of bench_align_head.py, bench_align_loss.py,
+            bench_token_gram.py and bench_align_branch.py, timed by triton.testing.do_bench.
   overhead  the REPA overhead of one training step of the SD-1.5 U-Net (configs/sd15_repa_A.yaml: random
             init, LoRA r32 attn+conv, B=48, bf16, align layer mid): (step with alignment - step without) /
             step without, with the reference (kernels=torch) and the fused (kernels=triton) alignment path.
@@ -164,9 +165,7 @@ def op_rows(mode: Mode) -> list[dict]:
     agreement = bah.check_agreement(impls, head, feat, grad)
     floors = {p: f["floor_us"] for p, f in bah.floor_us(head, feat).items()}
     timings = {name: bah.measure(fn, head, feat, grad, QUANTILES, bench=bench) for name, fn in impls.items()}
-    add("align_head", timings, floors, agreement,
-        f"feat {list(feat.shape)} -> tokens [{mode.op_batch},{mode.tokens},{mode.dim}], {mode.groups} groups, "
-        f"{str(mode.dtype).removeprefix('torch.')}")
+    add("align_head", timings, floors, agreement, head_shape(mode), bah.launches(impls, head, feat, grad))
     del head, feat, grad, impls, timings
     free_memory()
 
@@ -179,12 +178,17 @@ def op_rows(mode: Mode) -> list[dict]:
     add("align_loss", timings, floors, agreement, token_shape(mode), bal.launches(impls, x, y, 3.0))
     del x, y, impls, timings
     free_memory()
-    return rows + token_gram_rows(mode)
+    return rows + token_gram_rows(mode) + align_branch_rows(mode)
 
 
 def op_bench(mode: Mode):
     """do_bench on a GPU (None), perf_bench on the CPU."""
     return None if mode.device.type == "cuda" else functools.partial(perf_bench, runs=mode.cpu_runs)
+
+
+def head_shape(mode: Mode) -> str:
+    return (f"feat {[mode.op_batch, mode.in_ch, *mode.map_hw]} -> tokens [{mode.op_batch},{mode.tokens},{mode.dim}], "
+            f"{mode.groups} groups, {str(mode.dtype).removeprefix('torch.')}")
 
 
 def token_shape(mode: Mode) -> str:
@@ -223,6 +227,21 @@ def token_gram_rows(mode: Mode) -> list[dict]:
     floors = {p: f["floor_us"] for p, f in btg.floor_us(x, y).items()}
     timings = {name: btg.measure(fn, x, y, QUANTILES, bench=op_bench(mode)) for name, fn in impls.items()}
     return timing_rows("token_gram", timings, floors, agreement, token_shape(mode), btg.launches(impls, x, y))
+
+
+def align_branch_rows(mode: Mode) -> list[dict]:
+    """The REPA branch (bench_align_branch.py): eager head + reference losses / compiled / the fused op."""
+    import bench_align_branch as bab
+
+    torch.manual_seed(0)
+    head, feat, y = bab.make_inputs(mode.op_batch, mode.in_ch, mode.map_hw, mode.dim, mode.tokens, mode.groups,
+                                    mode.device, mode.dtype, mode.y_dtype)
+    impls = bab.implementations(head, compile_backend=mode.compile_backend)
+    agreement = bab.check_agreement(impls, head, feat, y)
+    floors = {p: f["floor_us"] for p, f in bab.floor_us(head, feat, y).items()}
+    timings = {name: bab.measure(fn, head, feat, y, QUANTILES, bench=op_bench(mode)) for name, fn in impls.items()}
+    shape = f"{head_shape(mode)}, y {str(mode.y_dtype).removeprefix('torch.')}, L_token + 3 L_manifold"
+    return timing_rows("align_branch", timings, floors, agreement, shape, bab.launches(impls, head, feat, y))
 
 
 # --- part 2: the REPA overhead of a step ---------------------------------------------------------------------

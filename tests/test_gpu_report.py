@@ -15,7 +15,7 @@ REPORT = ROOT / "benchmarks" / "gpu_report.py"
 UPDATE = ROOT / "benchmarks" / "update_readme.py"
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 
-OPS = {("op", op, impl, p) for op in ("align_head", "align_loss", "token_gram")
+OPS = {("op", op, impl, p) for op in ("align_head", "align_loss", "token_gram", "align_branch")
        for impl in ("eager", "compiled", "fused") for p in ("forward", "backward", "full")}
 OVERHEAD = {("overhead", "REPA overhead", impl, "step") for impl in ("no alignment", "kernels=torch", "kernels=triton")}
 STEPS = {("step", "whole step", impl, "step") for impl in ("reference", "fast")}
@@ -58,6 +58,11 @@ def test_tiny_report_has_every_row_with_finite_times(tiny_report):
     assert launches[("align_loss", "fused")] == 4 and launches[("token_gram", "fused")] == 3
     assert launches[("align_loss", "eager")] > 4 and launches[("token_gram", "eager")] > 3
     assert launches[("align_loss", "compiled")] is None and launches[("token_gram", "compiled")] is None
+    # the head: 2 kernels forward, 5 backward; the branch: 4 forward (head projection, tokens + losses, Grams,
+    # losses), 5 backward; eager launches more of both
+    assert launches[("align_head", "fused")] == 7 and launches[("align_branch", "fused")] == 9
+    assert launches[("align_head", "eager")] > 7 and launches[("align_branch", "eager")] > 9
+    assert launches[("align_head", "compiled")] is None and launches[("align_branch", "compiled")] is None
     steps = {r["impl"]: r for r in rows if r["part"] == "step"}
     assert steps["reference"]["settings"]["kernels"] == "torch" and steps["reference"]["settings"]["zero_stage"] == 0
     assert steps["fast"]["settings"]["kernels"] == "triton" and steps["fast"]["settings"]["zero_stage"] == 2

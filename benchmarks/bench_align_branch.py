@@ -1,0 +1,149 @@
+"""The REPA branch on the GPU (AlignHead, then the alignment loss against the DINO tokens): eager head +
+reference losses vs torch.compile of them vs the fused op (kernels/align_branch.py).
+
+    python benchmarks/bench_align_branch.py --out benchmarks/results/align_branch_h200.json
+
+Times forward, backward and forward+backward of L_token + 3 L_manifold with triton.testing.do_bench (median
+and 20/80% quantiles) and the peak memory of forward+backward above the inputs, at the real shape: feat bf16
+[48,1280,8,8] -> tokens [48,256,1024], GroupNorm with 32 groups, the head's weights bf16, y fp16 (the DINO
+cache). Beside each time is the floor: the larger of its bytes at ~4.3 TB/s and its FLOPs at ~790 TFLOP/s.
+Forward must read feat, W and y (the tokens need never be written) and run the projection GEMM
+(2 B*HW*C*D FLOPs); backward must read feat, W and y again and write dfeat and dW (two GEMMs). Also the
+kernel launches of one forward+backward of eager and fused (kernels/launch_count.py; counted the same way on
+a CPU). Writes one JSON row per (implementation, pass) with the GPU name, the date and the command. Needs
+CUDA; without it, says so and exits 0 (it is not part of CI).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from bench_align_head import head_parser
+from bench_align_head import make_inputs as head_inputs
+from bench_common import (
+    floors_us,
+    gpu_ready,
+    launches_per_step,
+    max_relative_difference,
+    print_floors,
+    time_passes,
+    time_table,
+)
+from torch._functorch import config as functorch_config
+
+# measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
+# compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
+functorch_config.donated_buffer = False
+MANIFOLD_COEFF = 3.0  # L_token + 3 L_manifold, the configs' manifold_coeff
+
+
+def make_inputs(batch: int, in_ch: int, map_hw: tuple[int, int], dim: int, tokens: int, groups: int, device,
+                dtype=torch.bfloat16, y_dtype=torch.float16):
+    """(head, feat, y): bench_align_head's head and feature map, and DINO tokens [batch, tokens, dim] correlated
+    with the head's tokens (so that neither loss is trivial)."""
+    head, feat, _ = head_inputs(batch, in_ch, map_hw, dim, tokens, groups, device, dtype)
+    with torch.no_grad():
+        y = (head.reference(feat).float() + torch.randn(batch, tokens, dim, device=device)).to(y_dtype)
+    return head, feat, y
+
+
+def floor_us(head, feat: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per pass: ``bytes_us``, ``flops_us`` and ``floor_us`` (the larger)."""
+    B, C, H, W = feat.shape
+    D = head.D
+    feat_bytes = feat.numel() * feat.element_size()
+    w_bytes = D * C * head.proj[0].weight.element_size()
+    y_bytes = y.numel() * y.element_size()
+    gemm = 2.0 * B * H * W * C * D
+    return floors_us({"forward": (feat_bytes + w_bytes + y_bytes, gemm),
+                      "backward": (feat_bytes + w_bytes + y_bytes + feat_bytes + w_bytes, 2 * gemm)})
+
+
+def implementations(head, upper_only: bool = False, mask_diag: bool = False, compile_backend: str = "inductor"):
+    """name -> f(feat, y) returning (L_token, L_manifold): the reference head and losses, them compiled, the
+    fused op."""
+    from repa_fast.kernels.align_branch import align_branch_loss
+    from repa_fast.losses import alignment_losses
+
+    conv, norm = head.proj[0], head.proj[1]
+
+    def eager(feat, y):
+        return alignment_losses(head.reference(feat), y, upper_only, mask_diag, kernels="torch")
+
+    def fused(feat, y):
+        return align_branch_loss(feat, conv.weight, norm.weight, norm.bias, norm.num_groups, head.grid, norm.eps, y,
+                                 upper_only, mask_diag)
+
+    # as bench_align_head: inductor's autotuned GEMM templates without CUDA graphs
+    mode = "max-autotune-no-cudagraphs" if compile_backend == "inductor" else None
+    return {"eager": eager, "compiled": torch.compile(eager, backend=compile_backend, mode=mode), "fused": fused}
+
+
+def measure(fn, head, feat0: torch.Tensor, y: torch.Tensor, quantiles, bench=None) -> dict:
+    """Times (ms at ``quantiles``) of forward, backward and both of L_token + 3 L_manifold by ``bench``
+    (do_bench's signature; default do_bench), and on CUDA the peak memory of forward+backward above the inputs
+    (None elsewhere)."""
+    feat = feat0.detach().clone().requires_grad_()
+
+    def forward():
+        lt, lm = fn(feat, y)
+        return lt + MANIFOLD_COEFF * lm
+
+    return time_passes(forward, None, [feat, *head.parameters()], quantiles, bench)
+
+
+def _losses_and_grads(fn, head, feat0: torch.Tensor, y: torch.Tensor):
+    feat = feat0.detach().clone().requires_grad_()
+    lt, lm = fn(feat, y)
+    grads = torch.autograd.grad(lt + MANIFOLD_COEFF * lm, [feat, *head.parameters()])
+    return [t.detach().double() for t in (lt, lm, *grads)]
+
+
+def check_agreement(impls, head, feat0: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Relative differences of each implementation's losses and gradients (feat, conv, GroupNorm weight and
+    bias) from the eager reference."""
+    return max_relative_difference({name: _losses_and_grads(fn, head, feat0, y) for name, fn in impls.items()})
+
+
+def launches(impls, head, feat0: torch.Tensor, y: torch.Tensor) -> dict[str, int | None]:
+    """Kernel launches of one forward+backward per implementation (None: compiled, not counted)."""
+    grads = [torch.ones((), device=feat0.device), torch.full((), MANIFOLD_COEFF, device=feat0.device)]
+
+    def step(fn):
+        feat = feat0.detach().clone().requires_grad_()
+        return lambda: torch.autograd.grad(fn(feat, y), [feat, *head.parameters()], grads)
+
+    return launches_per_step(impls, step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = head_parser(__doc__.splitlines()[0])
+    parser.add_argument("--upper-only", action="store_true")
+    parser.add_argument("--mask-diag", action="store_true")
+    args = parser.parse_args(argv)
+    if not gpu_ready("bench_align_branch"):
+        return 0
+
+    torch.manual_seed(0)
+    map_hw = (args.map, args.map)
+    head, feat, y = make_inputs(args.batch, args.in_ch, map_hw, args.dim, args.tokens, args.groups, "cuda")
+    impls = implementations(head, args.upper_only, args.mask_diag)
+    floors = floor_us(head, feat, y)
+    print(f"{torch.cuda.get_device_name()}; feat {list(feat.shape)} bf16 -> tokens [{args.batch},{args.tokens},"
+          f"{args.dim}] vs y fp16, {args.groups} groups; upper_only={args.upper_only} mask_diag={args.mask_diag}")
+    print_floors(floors, "forward: read feat + W + y, 2*B*HW*C*D FLOPs; backward: read feat + W + y, write dfeat "
+                         "+ dW, two GEMMs of 2*B*HW*C*D; full: the sum")
+    for name, diff in check_agreement(impls, head, feat, y).items():
+        print(f"  {name}: max relative difference from eager (losses, gradients) = {diff:.2e}")
+
+    fields = {"feat_shape": list(feat.shape), "tokens": args.tokens, "dim": args.dim, "groups": args.groups,
+              "dtype": "bfloat16", "y_dtype": "float16", "upper_only": args.upper_only, "mask_diag": args.mask_diag}
+    time_table("align_branch", impls, lambda fn, q: measure(fn, head, feat, y, q),
+               {p: f["floor_us"] for p, f in floors.items()}, floors, fields, args.out,
+               launches(impls, head, feat, y))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
