@@ -28,8 +28,7 @@ class AlignHead(nn.Module):
     (``repa_fast.kernels.align_branch``) instead of tokens: those tokens never reach memory.
     """
 
-    fused_branch = False  # True once kernels/align_branch.py lands: then the model hands it targets on the
-    # triton path (see AlignmentLoss.fuses_with)
+    fused_branch = True  # on the triton path the model hands it targets (see AlignmentLoss.fuses_with)
 
     def __init__(self, in_ch: int = 1280, D: int = 1024, num_tokens: int = 256, num_groups: int = 32,
                  kernels: str = "torch"):
