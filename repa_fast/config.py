@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 ALIGN_LAYERS = ("mid", "enc_last", "dec_first")
+ALIGN_HEADS = ("conv_gn", "mlp")  # repa_fast.models.align_head
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,7 @@ class Config:
     lora_alpha: int | None = None  # None: alpha = rank
     lora_targets: str = "attn+conv"  # attn+conv | attention-only
     detach_features: bool = False  # ablation only: stops REPA from shaping the U-Net
+    align_head: str = "conv_gn"  # conv_gn (the source design's head: fused kernels) | mlp (REPA's projector, torch)
 
     # Loss
     prediction: str = "v"  # v | epsilon
@@ -116,6 +118,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "align_layers": ALIGN_LAYERS,
+    "align_head": ALIGN_HEADS,
     "lora_targets": ("attn+conv", "attention-only"),
     "prediction": ("v", "epsilon"),
     "path_type": ("linear", "cosine", "ddpm"),

@@ -288,7 +288,7 @@ def train(config: Config, args: argparse.Namespace) -> dict:
     from repa_fast.ema import EMA
     from repa_fast.evaluate import held_out_batch, run_alignment_eval
     from repa_fast.export import export_weights
-    from repa_fast.losses import SD15Loss
+    from repa_fast.losses import SD15Loss, prediction_type_warning
     from repa_fast.models import build_aligned_unet
 
     check_switches(config)
@@ -328,7 +328,10 @@ def train(config: Config, args: argparse.Namespace) -> dict:
     ema = EMA(module, config.ema_decay)
     if config.compile != "none":
         engine.compile(backend="inductor")
-    criterion = SD15Loss.from_config(config)
+    criterion = SD15Loss.from_config(config)  # the ddpm path runs on the model's own schedule
+    mismatch = prediction_type_warning(config, criterion.scheduler, module)
+    if mismatch and rank == 0:
+        warnings.warn(mismatch, UserWarning, stacklevel=1)
     eval_set = build_dataset(config, csv_path=config.eval_csv_path) if config.eval_csv_path else dataset
     eval_batch = held_out_batch(eval_set, min(64, len(eval_set)), device, dtype, clip_table)
 

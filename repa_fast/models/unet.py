@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from repa_fast.models.align_head import AlignHead
+from repa_fast.models.align_head import build_align_head
 from repa_fast.models.hooks import HookManager
 
 LORA_PREFIXES = ("mid_block", "down_blocks.3", "up_blocks.0")
@@ -93,7 +93,8 @@ def lora_config(unet: nn.Module, rank: int = 32, alpha: int | None = None, lora_
 
 
 class SD15UNetAligned(nn.Module):
-    """The SD-1.5 U-Net plus one AlignHead per align layer.
+    """The SD-1.5 U-Net plus one align head per align layer (``align_head``: ``conv_gn`` AlignHead or
+    ``mlp`` MLPAlignHead, see repa_fast.models.align_head).
 
     ``forward`` returns the U-Net output and captures the hooked feature maps (graph kept);
     ``get_aligned_tokens()`` runs the heads on them; ``clear_features()`` drops them (every step).
@@ -103,7 +104,7 @@ class SD15UNetAligned(nn.Module):
 
     def __init__(self, unet: UNet2DConditionModel, align_layers: list[str] | tuple[str, ...] = ("mid",),
                  D: int = 1024, lora_config=None, num_tokens: int = 256, kernels: str = "torch",
-                 detach_features: bool = False):
+                 detach_features: bool = False, align_head: str = "conv_gn"):
         super().__init__()
         unknown = [name for name in align_layers if name not in LAYER_PATHS]
         if unknown:
@@ -111,6 +112,7 @@ class SD15UNetAligned(nn.Module):
         self.unet = unet
         self.align_layers = list(align_layers)
         self.D = D
+        self.head_type = align_head
         if lora_config is not None:
             unet.requires_grad_(False)
             unet.add_adapter(lora_config)
@@ -119,7 +121,7 @@ class SD15UNetAligned(nn.Module):
         for name in self.align_layers:
             module = resolve_module(unet, LAYER_PATHS[name])
             channels = module.out_channels  # read from the U-Net, not assumed to be 1280
-            self.align_heads[name] = AlignHead(channels, D, num_tokens=num_tokens, kernels=kernels)
+            self.align_heads[name] = build_align_head(align_head, channels, D, num_tokens, kernels)
             self.hook_manager.register_hook(module, name)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -144,5 +146,6 @@ def build_aligned_unet(config, dtype: torch.dtype = torch.float32) -> SD15UNetAl
     unet = build_unet(config.model, dtype)
     lora = lora_config(unet, config.lora_rank, config.lora_alpha, config.lora_targets) if config.use_lora else None
     model = SD15UNetAligned(unet, config.align_layers, config.dino_D, lora, num_tokens=config.dino_N,
-                            kernels=config.kernels, detach_features=config.detach_features)
+                            kernels=config.kernels, detach_features=config.detach_features,
+                            align_head=config.align_head)
     return model if dtype == torch.float32 else model.to(dtype)
