@@ -43,9 +43,10 @@ def class_patterns(num_classes: int, latent_shape, seed: int = 0) -> np.ndarray:
     freq = rng.uniform(-MAX_CYCLES, MAX_CYCLES, size=(num_classes, C, WAVES, 2))
     phase = rng.uniform(0, 2 * np.pi, size=(num_classes, C, WAVES))
     amp = rng.uniform(0.5, 1.0, size=(num_classes, C, WAVES))
-    waves = amp[..., None, None] * np.cos(2 * np.pi * (freq[..., 0, None, None] * y + freq[..., 1, None, None] * x)
-                                          + phase[..., None, None])
-    field = waves.sum(axis=2)
+    field = np.zeros((num_classes, C, H, W))
+    for k in range(WAVES):  # one wave at a time: [classes, C, H, W] is the largest array
+        fy, fx = freq[:, :, k, 0, None, None], freq[:, :, k, 1, None, None]
+        field += amp[:, :, k, None, None] * np.cos(2 * np.pi * (fy * y + fx * x) + phase[:, :, k, None, None])
     field /= field.std(axis=(-2, -1), keepdims=True) + 1e-6
     offset = 0.5 * rng.standard_normal((num_classes, C, 1, 1))
     return (field + offset).astype(np.float32)
