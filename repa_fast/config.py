@@ -20,6 +20,7 @@ import yaml
 from repa_fast.errors import RunError
 
 ALIGN_LAYERS = ("mid", "enc_last", "dec_first")
+ALIGN_HEADS = ("conv_gn", "mlp")  # repa_fast.models.align_head
 
 
 class ConfigError(RunError, ValueError):
@@ -51,6 +52,7 @@ class Config:
     lora_alpha: int | None = None  # None: alpha = rank
     lora_targets: str = "attn+conv"  # attn+conv | attention-only
     detach_features: bool = False  # ablation only: stops REPA from shaping the U-Net
+    align_head: str = "conv_gn"  # conv_gn (the source design's head: fused kernels) | mlp (REPA's projector, torch)
 
     # Loss
     prediction: str = "v"  # v | epsilon
@@ -159,6 +161,7 @@ REFERENCE_SWITCHES = {"kernels": "torch", "loader": "torch", "compile": "none", 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "align_layers": ALIGN_LAYERS,
+    "align_head": ALIGN_HEADS,
     "lora_targets": ("attn+conv", "attention-only"),
     "prediction": ("v", "epsilon"),
     "path_type": ("linear", "cosine", "ddpm"),

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from repa_fast.config import Config, config_from_dict, parse_overrides
 from repa_fast.errors import InputError, MissingFileError, RunError, run_main
 from repa_fast.export import HEADS_WEIGHT_NAME, LORA_WEIGHT_NAME
-from repa_fast.losses import NORM_EPS, SD15Loss, manifold_gram_loss, token_loss
+from repa_fast.losses import NORM_EPS, SD15Loss, manifold_gram_loss, noise_schedule, token_loss
 from repa_fast.optional import MissingDependency
 from repa_fast.plots import save_png, tsne_plot
 
@@ -193,9 +193,14 @@ def alignment_metrics(pred: torch.Tensor, dino: torch.Tensor, k: int = 10, cca_d
 
 # --- evaluation on cached samples --------------------------------------------------------------------
 
-def default_timesteps(path_type: str) -> list[float] | list[int]:
-    """t = 0.25, 0.5, 0.75 for the linear/cosine paths; U-Net steps 250, 500, 750 for ddpm."""
-    return [250, 500, 750] if path_type == "ddpm" else [0.25, 0.5, 0.75]
+def default_timesteps(config: Config) -> list[float] | list[int]:
+    """t = 0.25, 0.5, 0.75 for the linear/cosine paths; for ddpm the U-Net steps at those fractions of
+    the model's num_train_timesteps (250, 500, 750 for SD-1.5's 1000)."""
+    fractions = [0.25, 0.5, 0.75]
+    if config.path_type != "ddpm":
+        return fractions
+    steps = noise_schedule(config).config.num_train_timesteps
+    return [int(f * steps) for f in fractions]
 
 
 def _t_key(t) -> str:
@@ -337,7 +342,7 @@ def evaluate(model, dataset, config: Config, timesteps=None, indices: Sequence[i
     param = next(model.parameters())
     device = param.device if device is None else torch.device(device)
     dtype = param.dtype if dtype is None else dtype
-    timesteps = default_timesteps(config.path_type) if timesteps is None else list(timesteps)
+    timesteps = default_timesteps(config) if timesteps is None else list(timesteps)
     first = dataset[indices[0]]
     num_tokens = next(iter(first["dino_tokens"].values())).shape[0]
     run = _Evaluation(model, config, timesteps, num_tokens, tokens_per_sample, seed)
@@ -374,7 +379,7 @@ def run_alignment_eval(model, batch_or_dataset, config: Config, step: int, write
     middle timestep. Under ZeRO-3 every rank must call it (the forward gathers parameters).
     """
     seed = config.seed if seed is None else seed
-    timesteps = default_timesteps(config.path_type) if timesteps is None else list(timesteps)
+    timesteps = default_timesteps(config) if timesteps is None else list(timesteps)
     param = next(model.parameters())
     if isinstance(batch_or_dataset, dict):
         batch = dict(batch_or_dataset)
@@ -448,7 +453,8 @@ def load_lora(unet, lora_dir: str | os.PathLike, adapter_name: str = "default") 
 
 
 def load_heads(model, weights_dir: str | os.PathLike) -> None:
-    """Load ``align_heads.safetensors`` into ``model.align_heads``, checking its layers, D and num_tokens."""
+    """Load ``align_heads.safetensors`` into ``model.align_heads``, checking its layers, D, num_tokens and
+    align_head (files written before align_head existed hold conv_gn heads)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -458,9 +464,9 @@ def load_heads(model, weights_dir: str | os.PathLike) -> None:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     want = {"layers": list(model.align_layers), "D": model.D,
-            "num_tokens": next(iter(model.align_heads.values())).num_tokens}
+            "num_tokens": next(iter(model.align_heads.values())).num_tokens, "align_head": model.head_type}
     have = {"layers": json.loads(meta.get("layers", "null")), "D": int(meta.get("D", -1)),
-            "num_tokens": int(meta.get("num_tokens", -1))}
+            "num_tokens": int(meta.get("num_tokens", -1)), "align_head": meta.get("align_head", "conv_gn")}
     if have != want:
         raise InputError(f"{path}: heads are for {have}, the run config gives {want}")
     result = model.align_heads.load_state_dict(load_file(str(path)), strict=False)
@@ -518,7 +524,7 @@ def load_run(run_dir: str | os.PathLike, weights: str = "live", config: Config |
     config = load_run_config(run_dir) if config is None else config
     unet, weights_dir = load_run_unet(run_dir, weights, config)
     model = SD15UNetAligned(unet, config.align_layers, config.dino_D, num_tokens=config.dino_N,
-                            kernels=config.kernels)
+                            kernels=config.kernels, align_head=config.align_head)
     load_heads(model, weights_dir)
     return model.requires_grad_(False).eval().to(device=device, dtype=dtype), config
 
@@ -636,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="held-out sample CSV (default: the run's csv_path)")
     p.add_argument("--num-samples", type=int, default=64, help="evaluate the last N samples of the CSV")
     p.add_argument("--timesteps", type=_list(float), default=None,
-                   help="comma-separated (default 0.25,0.5,0.75; ddpm: 250,500,750)")
+                   help="comma-separated (default 0.25,0.5,0.75; ddpm: those fractions of the schedule's steps, "
+                        "250,500,750 for SD-1.5)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--k", type=int, default=10, help="CKNNA nearest neighbours")
     p.add_argument("--cca-dims", type=int, default=16, help="principal components per side for CCA")

@@ -1,7 +1,8 @@
 """LoRA export in the diffusers format, plus the align heads, from live or EMA weights.
 
 ``pytorch_lora_weights.safetensors`` is what ``StableDiffusionPipeline.load_lora_weights(dir)`` reads;
-``align_heads.safetensors`` holds the heads (keys ``{layer}.proj.0.weight`` ...).
+``align_heads.safetensors`` holds the heads (keys ``{layer}.proj.0.weight`` ... for ``conv_gn``,
+``{layer}.mlp.0.weight`` ... for ``mlp``; the metadata names the layers, D, num_tokens and align_head).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def export_weights(model: nn.Module, out_dir: str | Path, weights: dict[str, tor
         heads = {name.removeprefix("align_heads."): value(name) for name in named if name.startswith("align_heads.")}
         save_file(heads, str(out / HEADS_WEIGHT_NAME), metadata={
             "layers": json.dumps(list(model.align_layers)), "D": str(model.D),
-            "num_tokens": str(next(iter(model.align_heads.values())).num_tokens)})
+            "num_tokens": str(next(iter(model.align_heads.values())).num_tokens), "align_head": model.head_type})
         if getattr(model.unet, "peft_config", None):
             lora_names = [n for n in named if "lora_" in n]
             peft_state = get_peft_model_state_dict(model.unet)

@@ -1,4 +1,5 @@
-"""The reference losses: denoising (three noise paths) + token cosine + batch Gram ("manifold").
+"""The reference losses: denoising (three noise paths) + token cosine + batch Gram ("manifold"), and the
+noise schedule of the model (``noise_schedule``: diffusers' DDPMScheduler from the model's own config).
 
 This file is the definition the Triton kernels are tested against. Everything is computed in fp32
 (or in float64 when given float64).
@@ -13,12 +14,16 @@ This file is the definition the Triton kernels are tested against. Everything is
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import nn
 
-from repa_fast.config import use_triton
+from repa_fast.config import ConfigError, use_triton
 
 NORM_EPS = 1e-12  # F.normalize's eps: a zero row stays zero instead of becoming NaN
 
@@ -176,13 +181,107 @@ def alignment_losses(x: torch.Tensor, y: torch.Tensor, upper_only: bool = False,
 
 # --- noise paths -------------------------------------------------------------------------------------
 
-DDPM_STEPS = 1000
+# SD-1.5's published scheduler config (scheduler/scheduler_config.json of the v1-5 release): the
+# schedule of the `sd15` and `tiny` models, which have no folder to read one from.
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
 
 
-def sd15_alphas_cumprod(device=None) -> torch.Tensor:
-    """SD-1.5's scaled-linear schedule (beta 0.00085 -> 0.012 over 1000 steps), fp64."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, DDPM_STEPS, dtype=torch.float64, device=device) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
+def sd15_noise_schedule() -> DDPMScheduler:
+    """SD-1.5's schedule (the keys DDPMScheduler has no use for, e.g. set_alpha_to_one, are ignored)."""
+    return DDPMScheduler.from_config(SD15_SCHEDULER)
+
+
+# config `prediction` -> diffusers' prediction_type
+PREDICTION_TYPES = {"v": "v_prediction", "epsilon": "epsilon"}
+
+
+def scheduler_config_path(model: str) -> Path:
+    """The scheduler config of a local diffusers folder: ``scheduler/scheduler_config.json`` (beside
+    ``unet/``), the folder's own ``scheduler_config.json``, or, for a bare U-Net folder, its sibling
+    ``../scheduler/``. A folder with none of them is an error: a guessed schedule trains the wrong noise."""
+    root = Path(model)
+    if not root.is_dir():
+        raise FileNotFoundError(f"option 'model': {model!r} is neither 'sd15', 'tiny' nor a local folder")
+    candidates = [root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"]
+    if (root / "config.json").is_file() and not (root / "unet").is_dir():
+        candidates.append(root.parent / "scheduler" / "scheduler_config.json")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"option 'model': {model!r} has no scheduler config (looked at "
+                            f"{', '.join(str(c) for c in candidates)}); copy the model's scheduler_config.json "
+                            f"there (SD-1.5's: scaled_linear betas 0.00085 -> 0.012, 1000 steps, epsilon)")
+
+
+def noise_schedule(config) -> DDPMScheduler:
+    """The noise schedule of ``config.model`` as a diffusers DDPMScheduler: SD-1.5's for ``sd15``/``tiny``,
+    else the local folder's scheduler config (betas, beta_schedule, num_train_timesteps, prediction_type,
+    steps_offset, rescale_betas_zero_snr ...; the keys of other scheduler classes are ignored)."""
+    if config.model in ("sd15", "tiny"):
+        return sd15_noise_schedule()
+    path = scheduler_config_path(config.model)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object of scheduler settings")
+    try:
+        return DDPMScheduler.from_config(values)
+    except (NotImplementedError, ValueError, TypeError) as err:
+        raise ConfigError(f"{path}: diffusers' DDPMScheduler cannot use this schedule: {err}") from None
+
+
+def prediction_type_warning(config, scheduler: DDPMScheduler, model: nn.Module) -> str | None:
+    """The one start-up warning when ``config.prediction`` is not the pretrained model's own type.
+
+    ``model`` is the built model (SD15UNetAligned or its U-Net): the message names the modules the
+    LoRA wraps and the blocks that stay frozen. Random-init models (``sd15``, ``tiny``) have no
+    trained parameterisation to contradict: None.
+    """
+    own = scheduler.config.prediction_type
+    trained = PREDICTION_TYPES[config.prediction]
+    if config.model in ("sd15", "tiny") or own == trained:
+        return None
+    head = (f"prediction={config.prediction!r} trains {trained} but {config.model} was trained for {own!r} "
+            f"(its scheduler config). ")
+    if not config.use_lora:
+        return head + ("use_lora=false fine-tunes every block, but re-learning the output parameterisation "
+                       f"takes a long run; set prediction={_config_prediction(own)} to keep the model's own.")
+    unet = getattr(model, "unet", model)
+    wrapped = sorted({n.split(".lora_A.")[0] for n, _ in unet.named_parameters() if ".lora_A." in n})
+    by_block: dict[str, int] = {}
+    for name in wrapped:
+        block = _block_of(name)
+        by_block[block] = by_block.get(block, 0) + 1
+    frozen = [block for block, params in _blocks(unet) if not any(p.requires_grad for p in params)]
+    return head + (f"The LoRA (lora_targets={config.lora_targets!r}, rank {config.lora_rank}) adapts only "
+                   f"{len(wrapped)} modules: " + ", ".join(f"{b} ({n})" for b, n in by_block.items())
+                   + f"; frozen: {', '.join(frozen)}. It cannot retrain the whole U-Net's output "
+                   f"parameterisation: set prediction={_config_prediction(own)} (the model's own), or "
+                   f"use_lora=false to fine-tune every block.")
+
+
+def _config_prediction(prediction_type: str) -> str:
+    names = {v: k for k, v in PREDICTION_TYPES.items()}
+    return names.get(prediction_type, f"<none: {prediction_type!r} is not trainable here>")
+
+
+def _block_of(module_name: str) -> str:
+    """``up_blocks.0.attentions.0...to_q`` -> ``up_blocks.0``; ``mid_block.resnets.1.conv1`` -> ``mid_block``."""
+    parts = module_name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+
+
+def _blocks(unet: nn.Module):
+    """(name, parameters) of the U-Net's top-level blocks, down_blocks/up_blocks one entry per index."""
+    for name, child in unet.named_children():
+        if isinstance(child, nn.ModuleList):
+            for i, sub in enumerate(child):
+                yield f"{name}.{i}", list(sub.parameters())
+        elif any(True for _ in child.parameters()):
+            yield name, list(child.parameters())
 
 
 ALIGN_SCHEDULES = ("constant", "cosine", "stop")
@@ -216,14 +315,19 @@ class SD15Loss:
     """Denoising loss on one of three noise paths plus the weighted alignment loss, from ONE forward.
 
     path_type:
-      linear  x_t = (1-t) x0 + t eps            (REPA's interpolant; t in (0,1), U-Net timestep 999 t)
+      ddpm    x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps   (integer t in [0, T-1]): the model's own schedule,
+              through diffusers' DDPMScheduler (add_noise, get_velocity); use it for a pretrained SD-1.5
+      linear  x_t = (1-t) x0 + t eps            (REPA's interpolant; t in (0,1), U-Net timestep (T-1) t)
       cosine  x_t = cos(pi t/2) x0 + sin(pi t/2) eps
-      ddpm    x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps   (integer t in [0, 999], SD-1.5's schedule)
+      linear and cosine are REPA's flow-matching paths, for from-scratch runs: a pretrained SD-1.5 fed
+      them sees noise levels it does not expect at the given timestep.
     prediction:
       v        linear/cosine: d x_t / dt (linear: eps - x0); ddpm: sqrt(abar) eps - sqrt(1-abar) x0
       epsilon  eps
     weighting: ``uniform`` t ~ U(0,1); ``lognormal`` sigma = exp(N(0,1)) mapped to t as in REPA
-      (linear: sigma/(1+sigma); cosine: 2/pi atan(sigma); ddpm: floor(1000 sigma/(1+sigma))).
+      (linear: sigma/(1+sigma); cosine: 2/pi atan(sigma); ddpm: floor(T sigma/(1+sigma))).
+    T is the scheduler's num_train_timesteps (1000 for SD-1.5); ``scheduler`` defaults to SD-1.5's
+    (see ``noise_schedule``).
 
     loss = mse(pred, target) + lambda(step) * (L_token + manifold_coeff * L_manifold), L_* averaged over
     the align layers and computed inside the model's forward (see ``SD15UNetAligned``); lambda from
@@ -233,7 +337,7 @@ class SD15Loss:
     def __init__(self, prediction: str = "v", path_type: str = "linear", weighting: str = "uniform",
                  align_coeff: float = 0.8, manifold_coeff: float = 3.0, align_warmup_steps: int = 0,
                  align_schedule: str = "constant", align_stop_step: int | None = None,
-                 max_steps: int | None = None):
+                 max_steps: int | None = None, scheduler: DDPMScheduler | None = None):
         for name, value, choices in (("prediction", prediction, ("v", "epsilon")),
                                      ("path_type", path_type, ("linear", "cosine", "ddpm")),
                                      ("weighting", weighting, ("uniform", "lognormal")),
@@ -244,12 +348,16 @@ class SD15Loss:
         self.align_coeff, self.manifold_coeff = align_coeff, manifold_coeff
         self.align_warmup_steps, self.align_schedule = align_warmup_steps, align_schedule
         self.align_stop_step, self.max_steps = align_stop_step, max_steps
+        self.scheduler = sd15_noise_schedule() if scheduler is None else scheduler
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
 
     @classmethod
-    def from_config(cls, config) -> SD15Loss:
+    def from_config(cls, config, scheduler: DDPMScheduler | None = None) -> SD15Loss:
+        """The loss of a run; ``scheduler`` defaults to ``noise_schedule(config)`` (the model's own)."""
+        scheduler = noise_schedule(config) if scheduler is None else scheduler
         return cls(config.prediction, config.path_type, config.weighting, config.align_coeff,
                    config.manifold_coeff, config.align_warmup_steps, config.align_schedule,
-                   config.align_stop_step, config.max_steps)
+                   config.align_stop_step, config.max_steps, scheduler=scheduler)
 
     def align_weight(self, step: int | None) -> float:
         """lambda at ``step``; ``None`` (outside a run): ``align_coeff``."""
@@ -258,39 +366,41 @@ class SD15Loss:
         return align_lambda(step, self.align_coeff, self.align_warmup_steps, self.align_schedule,
                             self.align_stop_step, self.max_steps)
     def sample_time(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """t in (0, 1) for linear/cosine, integer t in [0, 999] for ddpm; shape [batch]."""
+        """t in (0, 1) for linear/cosine, integer t in [0, T-1] for ddpm; shape [batch]."""
         if self.weighting == "uniform":
             u = torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
         else:
             sigma = torch.randn(batch, generator=generator, dtype=torch.float64, device=device).exp()
             u = 2 / math.pi * torch.atan(sigma) if self.path_type == "cosine" else sigma / (1 + sigma)
         if self.path_type == "ddpm":
-            return (u * DDPM_STEPS).long().clamp_(0, DDPM_STEPS - 1)
+            T = self.num_train_timesteps
+            return (u * T).long().clamp_(0, T - 1)
         return u.clamp(1e-5, 1 - 1e-5).float()
 
     def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
-        """(x_t, target, unet_timestep) for clean latents x0, noise and times t (see the class doc)."""
-        shape = (-1,) + (1,) * (x0.ndim - 1)
+        """(x_t, target, unet_timestep) for clean latents x0, noise and times t (see the class doc).
+
+        x_t and target are at least fp32 (float64 stays float64)."""
+        x0 = _fp32(x0)
+        noise = noise.to(x0.dtype)
         if self.path_type == "ddpm":
-            abar = sd15_alphas_cumprod(x0.device)[t.long()]
-            alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-            d_alpha, d_sigma = -sigma, alpha  # v = alpha eps - sigma x0 (diffusers' v_prediction)
-            timestep = t.long()
+            t = t.long()
+            x_t = self.scheduler.add_noise(x0, noise, t)
+            target = noise if self.prediction == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+            return x_t, target, t
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        t64 = t.double()
+        if self.path_type == "linear":
+            alpha, sigma = 1 - t64, t64
+            d_alpha, d_sigma = -torch.ones_like(t64), torch.ones_like(t64)
         else:
-            t64 = t.double()
-            if self.path_type == "linear":
-                alpha, sigma = 1 - t64, t64
-                d_alpha, d_sigma = -torch.ones_like(t64), torch.ones_like(t64)
-            else:
-                half_pi = math.pi / 2
-                alpha, sigma = torch.cos(half_pi * t64), torch.sin(half_pi * t64)
-                d_alpha, d_sigma = -half_pi * torch.sin(half_pi * t64), half_pi * torch.cos(half_pi * t64)
-            timestep = 999.0 * t64
-        alpha, sigma, d_alpha, d_sigma = (c.float().view(shape) for c in (alpha, sigma, d_alpha, d_sigma))
-        x0, noise = x0.float(), noise.float()
+            half_pi = math.pi / 2
+            alpha, sigma = torch.cos(half_pi * t64), torch.sin(half_pi * t64)
+            d_alpha, d_sigma = -half_pi * torch.sin(half_pi * t64), half_pi * torch.cos(half_pi * t64)
+        alpha, sigma, d_alpha, d_sigma = (c.to(x0.dtype).view(shape) for c in (alpha, sigma, d_alpha, d_sigma))
         x_t = alpha * x0 + sigma * noise
         target = noise if self.prediction == "epsilon" else d_alpha * x0 + d_sigma * noise
-        return x_t, target, timestep.to(x0.dtype) if timestep.is_floating_point() else timestep
+        return x_t, target, ((self.num_train_timesteps - 1) * t64).to(x0.dtype)
 
     def __call__(self, model, clean_latents: torch.Tensor, dino_tokens: dict[str, torch.Tensor],
                  encoder_hidden_states: torch.Tensor, step: int | None = None, timesteps: torch.Tensor | None = None,

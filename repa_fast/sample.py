@@ -112,7 +112,7 @@ def build_scheduler(name: str, path_type: str, prediction: str, sd_scheduler_con
     """The sampler for a run's noise path (see the module doc); ``sd_scheduler_config`` is the SD folder's."""
     import diffusers
 
-    from repa_fast.losses import sd15_alphas_cumprod
+    from repa_fast.losses import sd15_noise_schedule
 
     if path_type == "linear":
         if prediction != "v":
@@ -132,7 +132,7 @@ def build_scheduler(name: str, path_type: str, prediction: str, sd_scheduler_con
     if "clip_sample" in inspect.signature(cls.__init__).parameters:
         settings["clip_sample"] = False  # latents are not in [-1, 1]; SD-1.5's config says so, DDIM's default not
     scheduler = cls.from_config(sd_scheduler_config, **settings)
-    trained = sd15_alphas_cumprod()
+    trained = sd15_noise_schedule().alphas_cumprod.double()
     have = scheduler.alphas_cumprod.double()
     if have.shape != trained.shape or not torch.allclose(have, trained, rtol=1e-4, atol=1e-7):
         c = scheduler.config

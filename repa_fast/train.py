@@ -419,7 +419,8 @@ def setup(config: Config, args: argparse.Namespace, compile_backend: str = "indu
     checks = SelfChecks(config, out if rank == 0 else None)
     checks.kernels(model, device, dtype)  # may turn kernels=auto to torch, with a warning
     checks.loader(dataset, rank, world, device, dtype)  # may turn loader=auto to torch
-    for message in training_warnings(config, model):
+    criterion = SD15Loss.from_config(config)  # the ddpm path runs on the model's own schedule
+    for message in training_warnings(config, model, criterion):
         warnings.warn(message, UserWarning, stacklevel=1)
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         from deepspeed.utils import set_z3_leaf_modules
@@ -435,7 +436,7 @@ def setup(config: Config, args: argparse.Namespace, compile_backend: str = "indu
     module = engine.module
     eval_set = build_dataset(config, csv_path=config.eval_csv_path) if config.eval_csv_path else dataset
     run = Run(config, out, rank, world, device, dtype, engine, module, optimizer, scheduler,
-              EMA(module, config.ema_decay), SD15Loss.from_config(config), dataset, clip_table,
+              EMA(module, config.ema_decay), criterion, dataset, clip_table,
               held_out_batch(eval_set, min(64, len(eval_set)), device, dtype, clip_table))
     if config.compile != "none":
         # the losses of one eager forward, engine.compile, then the same forward compiled
@@ -444,8 +445,10 @@ def setup(config: Config, args: argparse.Namespace, compile_backend: str = "indu
     return run
 
 
-def training_warnings(config: Config, model) -> list[str]:
-    """Settings that silently train nothing, said once at start-up."""
+def training_warnings(config: Config, model, criterion=None) -> list[str]:
+    """Settings that silently train nothing (or not what the model was trained for), said once at start-up."""
+    from repa_fast.losses import prediction_type_warning
+
     messages = [f"align layer {layer!r}: no trainable U-Net parameter runs before its hook "
                 f"(lora_targets={config.lora_targets!r}, detach_features={config.detach_features}): its alignment "
                 f"loss trains only its head" for layer in model.untrained_align_layers()]
@@ -453,6 +456,10 @@ def training_warnings(config: Config, model) -> list[str]:
         messages.append("detach_features is true (an ablation): the alignment loss does not reach the U-Net")
     if config.align_coeff == 0:
         messages.append("align_coeff is 0: the alignment loss trains nothing (plain LoRA fine-tuning)")
+    if criterion is not None:
+        mismatch = prediction_type_warning(config, criterion.scheduler, model)
+        if mismatch:
+            messages.append(mismatch)
     return messages
 
 

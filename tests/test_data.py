@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from repa_fast.data.cache import CacheError, CacheReader, CacheWriter, load_clip_table
+from repa_fast.data.cache import CacheError, CacheReader, CacheWriter, dino_key, load_clip_table
 from repa_fast.data.dataset import (
     SD15AlignedDataset,
     apply_cfg_dropout,
@@ -17,7 +17,7 @@ from repa_fast.data.dataset import (
     uniform_hash,
 )
 from repa_fast.data.synthetic import main as synthetic_main
-from repa_fast.data.synthetic import write_synthetic_caches
+from repa_fast.data.synthetic import pool_to_tokens, token_maps, write_synthetic_caches
 
 SHAPES = dict(latent_shape=(4, 8, 8), num_tokens=16, dino_D=32, clip_shape=(77, 8))
 
@@ -181,6 +181,70 @@ def test_synthetic_cli(tmp_path, capsys):
     assert "latent_dir" in capsys.readouterr().out
     r = CacheReader(tmp_path / "d" / "dino", shape=(4, 32), layers=["mid", "dec_first"])
     assert len(r) == 10
+
+
+def read_synthetic(paths, layers):
+    """(latents [S,C,H,W] fp32, tokens {layer: [S,N,D] fp32}, class ids [S]) in CSV order."""
+    import csv
+
+    with open(paths["csv_path"], encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    latent_cache, dino_cache = CacheReader(paths["latent_dir"]), CacheReader(paths["dino_dir"])
+    latents = torch.stack([latent_cache.get(r["id"]).float() for r in rows])
+    tokens = {layer: torch.stack([dino_cache.get(dino_key(r["id"], layer)).float() for r in rows]) for layer in layers}
+    return latents, tokens, torch.tensor([int(r["class_id"]) for r in rows])
+
+
+def test_synthetic_tokens_are_the_documented_function_of_latent_and_class(caches):
+    import torch.nn.functional as F
+
+    latents, tokens, classes = read_synthetic(caches, ["mid", "enc_last"])
+    side = 4  # SHAPES: 16 tokens
+    pooled = F.adaptive_avg_pool2d(latents.double(), side).flatten(2).transpose(1, 2)  # [S, N, C], row-major grid
+    for li, layer in enumerate(["mid", "enc_last"]):
+        proj, class_emb = (torch.from_numpy(a).double() for a in token_maps(5, 4, 32, li, seed=0))
+        expected = pooled @ proj + class_emb[classes][:, None, :]
+        torch.testing.assert_close(tokens[layer].double(), expected, rtol=2e-3, atol=4e-3)  # stored in fp16
+    assert not torch.allclose(tokens["mid"], tokens["enc_last"])  # each layer has its own map
+    # pooling onto grids that do not divide the latent: torch's adaptive average pooling
+    x = np.random.default_rng(0).standard_normal((3, 10, 7)).astype(np.float32)
+    np.testing.assert_allclose(pool_to_tokens(x, 9), F.adaptive_avg_pool2d(torch.from_numpy(x), 3).flatten(1).T.numpy(),
+                               rtol=1e-5, atol=1e-6)
+    # class structure: a sample's latent is far closer to its class-mates' than to other classes'
+    flat = F.normalize((latents - latents.mean(0)).flatten(1), dim=1)
+    cos = flat @ flat.T
+    same = classes[:, None] == classes[None, :]
+    other = torch.eye(len(classes), dtype=torch.bool)
+    assert cos[same & ~other].mean() > 0.7 and cos[~same].mean() < 0.2
+
+
+def test_a_head_learns_the_synthetic_tokens_in_a_few_steps(tmp_path):
+    """The data are learnable: a small head on (latent, class) reaches the tokens; random ones it could not."""
+    import torch.nn.functional as F
+
+    from repa_fast.losses import token_loss
+    from repa_fast.models import MLPAlignHead
+
+    K = 3
+    paths = write_synthetic_caches(tmp_path, num_samples=24, num_classes=K, latent_shape=(4, 16, 16), num_tokens=64,
+                                   dino_D=32, clip_shape=(77, 8), table_classes=K)
+    latents, tokens, classes = read_synthetic(paths, ["mid"])
+    feat = torch.cat([latents, F.one_hot(classes, K).float()[:, :, None, None].expand(-1, -1, 16, 16)], dim=1)
+    torch.manual_seed(0)
+    head = MLPAlignHead(4 + K, 32, num_tokens=64, hidden=32)
+    opt = torch.optim.Adam(head.parameters(), lr=2e-2)
+    losses, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs: thread pools on shared cores only add waiting
+    try:
+        for _ in range(40):
+            loss = token_loss(head(feat), tokens["mid"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    assert losses[0] > 0.7 and losses[-1] < 0.15 * losses[0], losses[::8]
 
 
 def test_build_dataset_from_config_and_a_held_out_csv(tmp_path, caches):

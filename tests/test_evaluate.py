@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,6 +200,52 @@ def test_without_the_plot_packages_the_hook_warns_and_the_cli_names_the_extra(ti
     with pytest.raises(SystemExit, match=r"'scikit-learn'.*repa-fast\[eval\]"):
         ev.main([str(tiny_run["run"]), "--weights", "ema", "--num-samples", "8", "--k", "4", "--cca-dims", "4",
                  "--tokens-per-sample", "8", "--timesteps", "0.5", "--out", str(tmp_path)])
+
+
+def test_mlp_heads_export_round_trip_and_evaluate(tiny_run):
+    import dataclasses
+
+    from repa_fast.data.cache import load_clip_table
+    from repa_fast.export import export_weights
+    from repa_fast.models import build_aligned_unet
+
+    config = dataclasses.replace(tiny_run["config"], align_head="mlp", path_type="ddpm",
+                                 output_dir=str(tiny_run["root"] / "mlp_run"))
+    run = Path(config.output_dir)
+    torch.manual_seed(config.seed)
+    model = build_aligned_unet(config)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # trained heads: away from their init
+        for p in model.align_heads.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    export_weights(model, run / "lora")
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    loaded, _ = ev.load_run(run, "live")
+    assert loaded.head_type == "mlp"
+    want = dict(model.align_heads.named_parameters())
+    have = dict(loaded.align_heads.named_parameters())
+    assert have.keys() == want.keys() and any(".mlp.2." in k for k in have)
+    for name, value in have.items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
+    x, t, ehs = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        model.eval()(x, t, ehs)
+        loaded(x, t, ehs)
+        # the same weights and features; BLAS may sum the 2048-wide GEMMs in another order (alignment)
+        torch.testing.assert_close(loaded.get_aligned_tokens()["mid"], model.get_aligned_tokens()["mid"],
+                                   rtol=1e-5, atol=1e-6)
+    # heads of the other kind are refused by name, not loaded half
+    from repa_fast.models import SD15UNetAligned, build_unet
+
+    conv_gn = SD15UNetAligned(build_unet("tiny"), LAYERS, 64, num_tokens=64)
+    with pytest.raises(ValueError, match="'align_head': 'mlp'.*'align_head': 'conv_gn'"):
+        ev.load_heads(conv_gn, run / "lora")
+    # evaluation runs with the mlp heads (ddpm: U-Net steps 250, 500, 750 of SD-1.5's 1000)
+    result = ev.evaluate(loaded, build_dataset(config), config, num_samples=8,
+                         clip_table=load_clip_table(config.clip_embeddings_path), k=4, cca_dims=4,
+                         tokens_per_sample=8)
+    assert result["timesteps"] == [250, 500, 750] and result["path_type"] == "ddpm"
+    assert all(np.isfinite(v) for v in result["layers"]["mid"]["mean"].values())
 
 
 # --- sample grids ------------------------------------------------------------------------------------

@@ -1,12 +1,21 @@
 import itertools
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from repa_fast.losses import SD15Loss, align_lambda, manifold_gram_loss, sd15_alphas_cumprod, token_loss
-from repa_fast.models import SD15UNetAligned, build_unet
+from repa_fast.config import Config, ConfigError
+from repa_fast.losses import (
+    SD15Loss,
+    align_lambda,
+    manifold_gram_loss,
+    noise_schedule,
+    prediction_type_warning,
+    token_loss,
+)
+from repa_fast.models import SD15UNetAligned, build_aligned_unet, build_unet
 
 
 def np_unit(v):
@@ -115,20 +124,135 @@ def test_cosine_path_v_is_the_time_derivative(prediction):
         torch.testing.assert_close(target, eps)
 
 
+def abar64(betas: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.cumprod(1.0 - betas))
+
+
+SD15_BETAS = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2  # scaled_linear, as published
+
+
+def check_ddpm_formula(loss, x0, eps, t, abar, prediction):
+    """x_t and the target against sqrt(abar) x0 + sqrt(1-abar) eps (and v) computed in float64."""
+    x_t, target, unet_t = loss.interpolate(x0, eps, t)
+    a = abar[t].view(-1, 1, 1, 1)
+    x0, eps = x0.double(), eps.double()
+    torch.testing.assert_close(x_t.double(), a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-5, rtol=1e-5)
+    expected = a.sqrt() * eps - (1 - a).sqrt() * x0 if prediction == "v" else eps
+    torch.testing.assert_close(target.double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(unet_t, t)
+
+
 @pytest.mark.parametrize("prediction", ["v", "epsilon"])
-def test_ddpm_path_matches_diffusers(prediction):
+def test_ddpm_path_is_diffusers_scheduler_and_the_float64_formula(prediction):
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           num_train_timesteps=1000)
-    torch.testing.assert_close(sd15_alphas_cumprod().float(), sched.alphas_cumprod)
     loss, x0, eps, t = setup_path("ddpm", prediction)
+    assert loss.scheduler.config.prediction_type == "epsilon"  # SD-1.5's own (sd15, tiny)
+    torch.testing.assert_close(loss.scheduler.alphas_cumprod.double(), abar64(SD15_BETAS), atol=0, rtol=1e-6)
     assert t.dtype == torch.int64 and ((t >= 0) & (t <= 999)).all()
     x_t, target, unet_t = loss.interpolate(x0, eps, t)
     torch.testing.assert_close(x_t, sched.add_noise(x0, eps, t))
-    expected = sched.get_velocity(x0, eps, t) if prediction == "v" else eps
-    torch.testing.assert_close(target, expected)
-    assert torch.equal(unet_t, t)
+    torch.testing.assert_close(target, sched.get_velocity(x0, eps, t) if prediction == "v" else eps)
+    check_ddpm_formula(loss, x0, eps, t, abar64(SD15_BETAS), prediction)
+    # float64 latents stay float64 through diffusers' add_noise
+    x_t64, _, _ = loss.interpolate(x0.double(), eps.double(), t)
+    assert x_t64.dtype == torch.float64
+
+
+# a schedule unlike SD-1.5's in every key the loss reads: linear betas, 500 steps, v-prediction
+OTHER_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+                   "num_train_timesteps": 500, "prediction_type": "v_prediction", "steps_offset": 1,
+                   "skip_prk_steps": True, "set_alpha_to_one": False}
+OTHER_BETAS = np.linspace(0.0001, 0.02, 500)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A local diffusers folder: a tiny U-Net in unet/ and OTHER_SCHEDULER in scheduler/."""
+    root = tmp_path_factory.mktemp("model") / "sd"
+    torch.manual_seed(0)
+    build_unet("tiny").save_pretrained(root / "unet")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(OTHER_SCHEDULER))
+    return root
+
+
+@pytest.mark.parametrize("prediction", ["v", "epsilon"])
+def test_local_folder_schedule_is_honoured(model_folder, prediction):
+    config = Config(model=str(model_folder), path_type="ddpm", prediction=prediction)
+    sched = noise_schedule(config)
+    assert sched.config.num_train_timesteps == 500 and sched.config.prediction_type == "v_prediction"
+    loss = SD15Loss.from_config(config)
+    torch.testing.assert_close(loss.scheduler.alphas_cumprod.double(), abar64(OTHER_BETAS), atol=0, rtol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    t = loss.sample_time(4000, generator=g)  # timesteps over the model's 500, not 1000
+    assert t.min() == 0 and t.max() == 499
+    loss.weighting = "lognormal"
+    t = loss.sample_time(4000, generator=g)
+    assert t.min() >= 0 and t.max() <= 499 and abs(t.float().median().item() - 250) < 15
+    loss.weighting = "uniform"
+    x0, eps = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    check_ddpm_formula(loss, x0, eps, torch.tensor([0, 1, 100, 250, 498, 499]), abar64(OTHER_BETAS), prediction)
+    # the flow-matching paths map t in (0, 1) onto the model's timesteps too
+    linear = SD15Loss.from_config(Config(model=str(model_folder), path_type="linear"))
+    t = torch.tensor([0.25, 0.5])
+    torch.testing.assert_close(linear.interpolate(x0[:2], eps[:2], t)[2], 499 * t)
+
+
+def test_scheduler_config_locations_and_errors(model_folder, tmp_path):
+    def steps(model):
+        return noise_schedule(Config(model=str(model))).config.num_train_timesteps
+
+    assert steps(model_folder) == 500  # scheduler/ beside unet/
+    assert steps(model_folder / "unet") == 500  # a bare U-Net folder: its sibling scheduler/
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "scheduler_config.json").write_text(json.dumps(dict(OTHER_SCHEDULER, num_train_timesteps=300)))
+    assert steps(own) == 300  # the folder's own scheduler_config.json
+    assert steps("tiny") == steps("sd15") == 1000
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'model'.*no scheduler config.*scheduler_config\.json"):
+        steps(lonely)
+    with pytest.raises(FileNotFoundError, match="'model'"):
+        steps(tmp_path / "missing")
+    (lonely / "scheduler_config.json").write_text("{beta_schedule: ")
+    with pytest.raises(ConfigError, match=r"scheduler_config\.json: not valid JSON"):
+        steps(lonely)
+    (lonely / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "exponential"}))
+    with pytest.raises(ConfigError, match=r"scheduler_config\.json: diffusers' DDPMScheduler cannot"):
+        steps(lonely)
+
+
+@pytest.mark.parametrize("targets", ["attn+conv", "attention-only"])
+def test_prediction_warning_exactly_when_types_differ(model_folder, targets):
+    for prediction, use_lora in itertools.product(["v", "epsilon"], [True, False]):
+        config = Config(model=str(model_folder), prediction=prediction, lora_rank=4, lora_targets=targets,
+                        use_lora=use_lora, path_type="ddpm", align_layers=["mid"], dino_D=64, dino_N=64)
+        model = build_aligned_unet(config)
+        message = prediction_type_warning(config, noise_schedule(config), model)
+        if prediction == "v":  # the folder's model predicts v: nothing to warn about
+            assert message is None
+            continue
+        assert "prediction='epsilon' trains epsilon" in message and "'v_prediction'" in message
+        assert "set prediction=v" in message
+        if not use_lora:
+            assert "use_lora=false fine-tunes every block" in message
+            continue
+        # names what the LoRA wraps, block by block, and what stays frozen
+        if targets == "attn+conv":
+            assert "adapts only 25 modules" in message
+            assert all(b in message for b in ("mid_block (", "down_blocks.3 (", "up_blocks.0 ("))
+        else:  # only mid_block holds attention among the whitelisted prefixes
+            assert "adapts only 8 modules: mid_block (8);" in message
+        frozen = message.split("frozen: ")[1].split(". It cannot")[0]
+        assert "conv_in" in frozen and "conv_out" in frozen and "down_blocks.0" in frozen
+        assert "mid_block" not in frozen
+    # random-init models (sd15, tiny) have no trained parameterisation: never a warning
+    tiny = Config(model="tiny", prediction="v")
+    assert prediction_type_warning(tiny, noise_schedule(tiny), build_unet("tiny")) is None
 
 
 @pytest.mark.parametrize("path_type", ["linear", "cosine", "ddpm"])

@@ -1,9 +1,21 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from repa_fast.config import Config, ConfigError
 from repa_fast.losses import manifold_gram_loss, token_loss
-from repa_fast.models import AlignHead, HookManager, SD15UNetAligned, build_unet, lora_config, lora_target_modules
+from repa_fast.models import (
+    AlignHead,
+    HookManager,
+    MLPAlignHead,
+    SD15UNetAligned,
+    build_align_head,
+    build_aligned_unet,
+    build_unet,
+    lora_config,
+    lora_target_modules,
+)
 from repa_fast.models.unet import LORA_PREFIXES
 
 
@@ -47,6 +59,72 @@ def test_align_head_math_and_grid():
         AlignHead(16, 64, num_tokens=200)
     with pytest.raises(ValueError, match=r"\[B,16,H,W\]"):
         head(torch.randn(2, 8, 4, 4, dtype=torch.float64))
+
+
+def np_bilinear(h: int, H: int) -> np.ndarray:
+    """[H, h] matrix of bilinear resampling h -> H (align_corners=False, edges clamped), from the formula."""
+    m = np.zeros((H, h))
+    for i in range(H):
+        src = max((i + 0.5) * h / H - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), h - 1)
+        i1 = min(i0 + 1, h - 1)
+        frac = src - i0
+        m[i, i0] += 1 - frac
+        m[i, i1] += frac
+    return m
+
+
+def np_silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def test_mlp_head_float64_formula_shape_and_norm():
+    torch.manual_seed(0)
+    head = MLPAlignHead(in_ch=16, D=24, num_tokens=36, hidden=40).double()
+    feat = torch.randn(3, 16, 4, 4, dtype=torch.float64)
+    tokens = head(feat)
+    assert tokens.shape == (3, 36, 24) and tokens.dtype == torch.float64
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.ones(3, 36, dtype=torch.float64))
+    W = [(m.weight.detach().numpy(), m.bias.detach().numpy()) for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    assert [w.shape for w, _ in W] == [(40, 16), (40, 40), (24, 40)]
+    x = feat.numpy().transpose(0, 2, 3, 1)  # [B, 4, 4, C]: the MLP on every position of the feature map
+    x = np_silu(x @ W[0][0].T + W[0][1])
+    x = np_silu(x @ W[1][0].T + W[1][1])
+    x = x @ W[2][0].T + W[2][1]
+    up = np_bilinear(4, 6)
+    x = np.einsum("Yy,Xx,byxd->bYXd", up, up, x).reshape(3, 36, 24)  # then upsample 4x4 -> 6x6
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(tokens.detach().numpy(), x, rtol=1e-10, atol=1e-12)
+    assert MLPAlignHead(16, 24, num_tokens=16, hidden=8)(feat.float()).shape == (3, 16, 24)  # no resampling
+    with pytest.raises(ValueError, match=r"MLPAlignHead.*\[B,16,H,W\]"):
+        head(torch.randn(2, 8, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="'align_head'.*'linear'"):
+        build_align_head("linear", 16, 24, 36)
+    with pytest.raises(ConfigError, match="'align_head'"):
+        Config(align_head="linear")
+
+
+def test_mlp_head_in_the_model_and_its_gradient_reaches_the_unet(tiny_unet):
+    config = Config(model="tiny", align_head="mlp", align_layers=["mid", "dec_first"], dino_D=64, dino_N=64,
+                    lora_rank=4, kernels="triton")
+    model = build_aligned_unet(config)
+    assert model.head_type == "mlp"
+    head = model.align_heads["mid"]
+    assert isinstance(head, MLPAlignHead) and head.in_ch == 128  # channels read from the U-Net
+    assert [m.out_features for m in head.mlp if isinstance(m, torch.nn.Linear)] == [2048, 2048, 64]  # REPA's width
+    model(*tiny_inputs())
+    tokens = model.get_aligned_tokens()  # kernels=triton: the mlp head runs in torch all the same
+    assert all(t.shape == (2, 64, 64) for t in tokens.values())
+    torch.testing.assert_close(tokens["mid"].norm(dim=-1), torch.ones(2, 64))
+    token_loss(tokens["mid"], torch.randn(2, 64, 64)).backward()
+    lora_b = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n and n.startswith("unet.mid_block")}
+    assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b.values())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.align_heads["mid"].parameters())
+    # without LoRA the U-Net's own weights upstream of the hook get the gradient
+    full = SD15UNetAligned(fresh_tiny(tiny_unet), ["mid"], D=64, num_tokens=64, align_head="mlp")
+    full(*tiny_inputs())
+    token_loss(full.get_aligned_tokens()["mid"], torch.randn(2, 64, 64)).backward()
+    assert full.unet.down_blocks[0].resnets[0].conv1.weight.grad.abs().sum() > 0
 
 
 def test_hook_manager_errors_name_the_layer():

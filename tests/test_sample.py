@@ -23,7 +23,7 @@ from helpers_sd import (
 from PIL import Image
 
 from repa_fast import sample
-from repa_fast.losses import sd15_alphas_cumprod
+from repa_fast.losses import sd15_noise_schedule
 
 
 def _sd15_config() -> dict:
@@ -37,7 +37,7 @@ def _sample_with_oracle(scheduler, x0: torch.Tensor, path_type: str, prediction:
     g = torch.Generator().manual_seed(1)
     scheduler.set_timesteps(steps)
     x = torch.randn(x0.shape, generator=g) * scheduler.init_noise_sigma
-    abar = sd15_alphas_cumprod()
+    abar = sd15_noise_schedule().alphas_cumprod.double()
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
         if path_type == "linear":  # x_t = (1 - s) x0 + s eps with s = t / 999: v = eps - x0 = (x_t - x0) / s
@@ -66,7 +66,7 @@ def test_schedulers_follow_the_training_path():
     g = torch.Generator().manual_seed(1)
     wrong.set_timesteps(10)
     x = torch.randn(x0.shape, generator=g) * wrong.init_noise_sigma
-    abar = sd15_alphas_cumprod()
+    abar = sd15_noise_schedule().alphas_cumprod.double()
     for t in wrong.timesteps:
         a, s = abar[int(t)].sqrt().float(), (1 - abar[int(t)]).sqrt().float()
         x = wrong.step(a * (x - a * x0) / s - s * x0, t, x).prev_sample

@@ -136,6 +136,25 @@ def test_non_finite_losses_skip_then_stop_naming_the_step(tmp_path, data):
 
 
 @pytest.mark.slow
+def test_a_prediction_type_the_local_model_was_not_trained_for_warns_once(tmp_path, data):
+    from repa_fast.models import build_unet
+
+    torch.manual_seed(0)
+    build_unet("tiny").save_pretrained(tmp_path / "sd" / "unet")
+    (tmp_path / "sd" / "scheduler").mkdir()
+    schedule = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                "prediction_type": "v_prediction"}
+    (tmp_path / "sd" / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule))
+    cmd = [sys.executable, "-m", "repa_fast.train", "--config", TINY, "--output-dir", str(tmp_path / "run"),
+           "--report-to", "none", *data, "batch_size=4", "max_steps=1", f"model={tmp_path / 'sd'}",
+           "prediction=epsilon"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("prediction='epsilon' trains epsilon but") == 1
+    assert "The LoRA (lora_targets='attn+conv', rank 4) adapts only 25 modules" in r.stderr
+
+
+@pytest.mark.slow
 def test_two_rank_zero2_trains_and_exports(straight_run):
     rows = read_log(straight_run)
     assert [r["step"] for r in rows] == list(range(1, 17))

@@ -3,8 +3,18 @@
     python -m repa_fast.data.synthetic OUT_DIR --samples 256 --classes 10 --layers mid \
         --latent-shape 4,16,16 --tokens 64 --dim 64 --clip-dim 32
 
-The DINO tokens are not noise: each class has a fixed random direction field, so a model can learn
-to align with them and the alignment loss falls in the demo.
+The data are learnable, so that the demo shows every loss term improve:
+
+    latent  = a * pattern[class] + 0.25 * noise          a ~ U(0.75, 1.25), noise ~ N(0, 1) per element
+    tokens  = pool(latent) @ proj[layer] + class_emb[layer][class]          [N, D]
+
+``pattern[class]`` is a smooth field per class (a few low-frequency plane waves per channel plus a
+per-channel offset, unit scale); ``pool`` is adaptive average pooling of the [C, H, W] latent onto
+the sqrt(N) x sqrt(N) token grid (torch's ``adaptive_avg_pool2d``), flattened to [N, C];
+``proj[layer]`` [C, D] (entries N(0, 1/C)) and ``class_emb[layer]`` [classes, D] (entries N(0, 1))
+are fixed by the seed (``token_maps``). So a head that sees the latent and the class can reach the
+tokens exactly, and a denoiser conditioned on the class can learn each class's pattern. Latents are
+stored in fp16 and the tokens are computed from the stored (fp16) latent.
 """
 
 from __future__ import annotations
@@ -17,6 +27,62 @@ import numpy as np
 import torch
 
 from repa_fast.data.cache import CacheWriter, dino_key
+
+NOISE_STD = 0.25
+AMPLITUDE = (0.75, 1.25)
+WAVES = 3  # plane waves per channel of a class pattern
+MAX_CYCLES = 1.5  # per image side: the patterns are smooth at any resolution
+
+
+def class_patterns(num_classes: int, latent_shape, seed: int = 0) -> np.ndarray:
+    """[classes, C, H, W] smooth fields, one per class (fixed by ``seed``)."""
+    rng = np.random.default_rng([seed, 1])
+    C, H, W = latent_shape
+    y = np.arange(H, dtype=np.float64)[:, None] / H
+    x = np.arange(W, dtype=np.float64)[None, :] / W
+    freq = rng.uniform(-MAX_CYCLES, MAX_CYCLES, size=(num_classes, C, WAVES, 2))
+    phase = rng.uniform(0, 2 * np.pi, size=(num_classes, C, WAVES))
+    amp = rng.uniform(0.5, 1.0, size=(num_classes, C, WAVES))
+    field = np.zeros((num_classes, C, H, W))
+    for k in range(WAVES):  # one wave at a time: [classes, C, H, W] is the largest array
+        fy, fx = freq[:, :, k, 0, None, None], freq[:, :, k, 1, None, None]
+        field += amp[:, :, k, None, None] * np.cos(2 * np.pi * (fy * y + fx * x) + phase[:, :, k, None, None])
+    field /= field.std(axis=(-2, -1), keepdims=True) + 1e-6
+    offset = 0.5 * rng.standard_normal((num_classes, C, 1, 1))
+    return (field + offset).astype(np.float32)
+
+
+def token_maps(num_classes: int, channels: int, dino_D: int, layer_index: int, seed: int = 0):
+    """(proj [C, D], class_emb [classes, D]) of align layer number ``layer_index`` (fixed by ``seed``)."""
+    rng = np.random.default_rng([seed, 2, layer_index])
+    proj = rng.standard_normal((channels, dino_D)) / np.sqrt(channels)
+    class_emb = rng.standard_normal((num_classes, dino_D))
+    return proj.astype(np.float32), class_emb.astype(np.float32)
+
+
+def _pool_matrix(size: int, side: int) -> np.ndarray:
+    """[side, size]: row i averages bin [floor(i size/side), ceil((i+1) size/side)) (adaptive_avg_pool)."""
+    m = np.zeros((side, size), dtype=np.float32)
+    for i in range(side):
+        start, end = (i * size) // side, -((-(i + 1) * size) // side)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def pool_to_tokens(latent: np.ndarray, num_tokens: int) -> np.ndarray:
+    """[C, H, W] -> [N, C]: adaptive average pooling onto the sqrt(N) x sqrt(N) token grid, row-major."""
+    side = int(round(num_tokens**0.5))
+    if side * side != num_tokens:
+        raise ValueError(f"num_tokens={num_tokens} does not form a square token grid")
+    C, H, W = latent.shape
+    pooled = np.einsum("ih,chw,jw->ijc", _pool_matrix(H, side), latent.astype(np.float32), _pool_matrix(W, side))
+    return pooled.reshape(num_tokens, C)
+
+
+def synthetic_tokens(latent: np.ndarray, class_id: int, proj: np.ndarray, class_emb: np.ndarray,
+                     num_tokens: int) -> np.ndarray:
+    """The DINO tokens [N, D] of one sample: pool(latent) @ proj + class_emb[class_id] (see the module doc)."""
+    return pool_to_tokens(latent, num_tokens) @ proj + class_emb[class_id]
 
 
 def write_synthetic_caches(out_dir, num_samples: int = 64, num_classes: int = 10, align_layers=("mid",),
@@ -42,16 +108,18 @@ def write_synthetic_caches(out_dir, num_samples: int = 64, num_classes: int = 10
         for sample_id, c in zip(ids, classes, strict=True):
             writer.writerow([sample_id, f"synthetic/{sample_id}.JPEG", int(c), f"n{int(c):08d}"])
 
-    class_dirs = rng.standard_normal((len(align_layers), num_classes, num_tokens, dino_D)).astype(np.float32)
+    patterns = class_patterns(num_classes, latent_shape, seed)
+    maps = [token_maps(num_classes, latent_shape[0], dino_D, li, seed) for li in range(len(align_layers))]
     meta = {"created_by": "repa_fast.data.synthetic", "seed": seed}
-    with CacheWriter(paths["latent_dir"], latent_shape, "float16", kind="latent", extra_meta=meta) as latents:
-        for sample_id in ids:
-            latents.put(sample_id, rng.standard_normal(latent_shape).astype(np.float16))
-    with CacheWriter(paths["dino_dir"], (num_tokens, dino_D), "float16", kind="dino", layers=list(align_layers),
-                     extra_meta=meta) as dino:
+    with CacheWriter(paths["latent_dir"], latent_shape, "float16", kind="latent", extra_meta=meta) as latents, \
+            CacheWriter(paths["dino_dir"], (num_tokens, dino_D), "float16", kind="dino", layers=list(align_layers),
+                        extra_meta=meta) as dino:
         for sample_id, c in zip(ids, classes, strict=True):
-            for li, layer in enumerate(align_layers):
-                tokens = class_dirs[li, c] + 0.5 * rng.standard_normal((num_tokens, dino_D)).astype(np.float32)
+            latent = (rng.uniform(*AMPLITUDE) * patterns[c]
+                      + NOISE_STD * rng.standard_normal(latent_shape, dtype=np.float32)).astype(np.float16)
+            latents.put(sample_id, latent)
+            for layer, (proj, class_emb) in zip(align_layers, maps, strict=True):
+                tokens = synthetic_tokens(latent, int(c), proj, class_emb, num_tokens)
                 dino.put(dino_key(sample_id, layer), tokens.astype(np.float16))
     table = torch.from_numpy(rng.standard_normal((table_classes + 1, *clip_shape)).astype(np.float32))
     table[-1] = 0.0  # stands in for the empty-prompt embedding

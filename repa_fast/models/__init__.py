@@ -1,4 +1,4 @@
-from repa_fast.models.align_head import AlignHead, token_grid
+from repa_fast.models.align_head import AlignHead, MLPAlignHead, build_align_head, token_grid
 from repa_fast.models.hooks import HookManager
 from repa_fast.models.unet import (
     SD15UNetAligned,
@@ -8,5 +8,5 @@ from repa_fast.models.unet import (
     lora_target_modules,
 )
 
-__all__ = ["AlignHead", "HookManager", "SD15UNetAligned", "build_aligned_unet", "build_unet", "lora_config",
-           "lora_target_modules", "token_grid"]
+__all__ = ["AlignHead", "HookManager", "MLPAlignHead", "SD15UNetAligned", "build_align_head", "build_aligned_unet",
+           "build_unet", "lora_config", "lora_target_modules", "token_grid"]

@@ -27,7 +27,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from repa_fast.errors import MissingFileError
-from repa_fast.models.align_head import AlignHead
+from repa_fast.models.align_head import build_align_head
 from repa_fast.models.hooks import HookManager
 
 LORA_PREFIXES = ("mid_block", "down_blocks.3", "up_blocks.0")
@@ -150,7 +150,8 @@ class AlignedUNetOutput(BaseOutput):
 
 
 class SD15UNetAligned(nn.Module):
-    """The SD-1.5 U-Net plus one AlignHead per align layer (see the module doc for the forward).
+    """The SD-1.5 U-Net plus one align head per align layer (``align_head``: ``conv_gn`` AlignHead or
+    ``mlp`` MLPAlignHead, see repa_fast.models.align_head; the module doc says what the forward gives).
 
     With ``lora_config`` the U-Net is frozen and LoRA is added through peft (module names unchanged);
     only LoRA and head parameters train. ``alignment_loss`` (a ``repa_fast.losses.AlignmentLoss``;
@@ -159,7 +160,7 @@ class SD15UNetAligned(nn.Module):
 
     def __init__(self, unet: UNet2DConditionModel, align_layers: list[str] | tuple[str, ...] = ("mid",),
                  D: int = 1024, lora_config=None, num_tokens: int = 256, kernels: str = "torch",
-                 detach_features: bool = False, alignment_loss=None):
+                 detach_features: bool = False, alignment_loss=None, align_head: str = "conv_gn"):
         super().__init__()
         from repa_fast.losses import AlignmentLoss
 
@@ -169,6 +170,7 @@ class SD15UNetAligned(nn.Module):
         self.unet = unet
         self.align_layers = list(align_layers)
         self.D = D
+        self.head_type = align_head
         if lora_config is not None:
             unet.requires_grad_(False)
             unet.add_adapter(lora_config)
@@ -177,7 +179,7 @@ class SD15UNetAligned(nn.Module):
         for name in self.align_layers:
             module = resolve_module(unet, LAYER_PATHS[name])
             channels = module.out_channels  # read from the U-Net, not assumed to be 1280
-            self.align_heads[name] = AlignHead(channels, D, num_tokens=num_tokens, kernels=kernels)
+            self.align_heads[name] = build_align_head(align_head, channels, D, num_tokens, kernels)
             self.hook_manager.register_hook(module, name)
         self.alignment_loss = alignment_loss or AlignmentLoss(kernels=kernels)
 
@@ -253,5 +255,5 @@ def build_aligned_unet(config, dtype: torch.dtype = torch.float32) -> SD15UNetAl
 
     model = SD15UNetAligned(unet, config.align_layers, config.dino_D, lora, num_tokens=config.dino_N,
                             kernels=config.kernels, detach_features=config.detach_features,
-                            alignment_loss=AlignmentLoss.from_config(config))
+                            alignment_loss=AlignmentLoss.from_config(config), align_head=config.align_head)
     return model if dtype == torch.float32 else model.to(dtype)
