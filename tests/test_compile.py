@@ -21,12 +21,18 @@ def tiny_case(kernels: str):
 
 
 @pytest.mark.slow
-def test_training_forward_has_no_graph_breaks():
-    model, args, dino = tiny_case("torch")
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_training_forward_has_no_graph_breaks(kernels):
+    """kernels=triton: the fused REPA branch (repa_fast::align_branch_loss) as one node per layer; on CPU it
+    runs in Triton's interpreter. What only a GPU shows: inductor compiling around the op on CUDA tensors
+    (the GPU report's fast whole step does that)."""
+    model, args, dino = tiny_case(kernels)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(*args, target_tokens=dino)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+    ops = {str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert ("repa_fast.align_branch_loss" in " ".join(ops)) == (kernels == "triton"), ops
     # compiled, the one forward gives eager's prediction, losses and gradients
     eager = model(*args, target_tokens=dino)
     (eager.loss_token + eager.loss_manifold).backward()
@@ -38,7 +44,7 @@ def test_training_forward_has_no_graph_breaks():
     torch.testing.assert_close(out.sample, eager.sample, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.loss_token, eager.loss_token, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.loss_manifold, eager.loss_manifold, rtol=1e-4, atol=1e-6)
-    assert want.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
-    for n, g in want.items():
-        torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-3, atol=1e-5, msg=n)
+    for n, p in model.named_parameters():  # one graph: parameters the loss does not reach get zeros, not None
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(got, want.get(n, torch.zeros_like(p)), rtol=1e-3, atol=1e-5, msg=n)
     assert not model.hook_manager.features
