@@ -1,6 +1,7 @@
 """Alignment metrics, t-SNE, loading a run folder, evaluate(), the launcher hook and sample grids."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -184,7 +185,8 @@ def test_run_alignment_eval_logs_scalars_and_tsne(tiny_run):
         ev.run_alignment_eval(model, {k: v for k, v in batch.items() if k != "encoder_hidden_states"}, config, 1)
 
 
-def test_without_the_plot_packages_the_hook_warns_and_the_cli_names_the_extra(tiny_run, monkeypatch, tmp_path):
+def test_without_the_plot_packages_the_hook_warns_and_the_cli_names_the_extra(tiny_run, monkeypatch, tmp_path,
+                                                                             capsys):
     from repa_fast.data.cache import load_clip_table
 
     config = tiny_run["config"]
@@ -197,9 +199,12 @@ def test_without_the_plot_packages_the_hook_warns_and_the_cli_names_the_extra(ti
         ev.run_alignment_eval(model, batch, config, step=3, writer=writer, timesteps=[0.5], k=4, cca_dims=4,
                               tokens_per_sample=8)
     assert "eval/mid/cosine" in writer.scalars and not writer.images  # the metrics are logged all the same
-    with pytest.raises(SystemExit, match=r"'scikit-learn'.*repa-fast\[eval\]"):
+    with pytest.raises(SystemExit) as stop:
         ev.main([str(tiny_run["run"]), "--weights", "ema", "--num-samples", "8", "--k", "4", "--cca-dims", "4",
                  "--tokens-per-sample", "8", "--timesteps", "0.5", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 1 and len(err.splitlines()) == 1  # one line, no traceback
+    assert re.search(r"repa-fast-evaluate: .*'scikit-learn'.*repa-fast\[eval\]", err), err
 
 
 def test_mlp_heads_export_round_trip_and_evaluate(tiny_run):
