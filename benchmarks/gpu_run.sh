@@ -43,7 +43,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cu
 
 REPA_FAST_GPU_TESTS=1 timeout 100 python3 -P -m pytest -p no:cacheprovider -q -m gpu \
     tests/test_kernel_align_head.py tests/test_kernel_align_loss.py tests/test_kernel_token_gram.py \
-    tests/test_kernel_align_branch.py \
+    tests/test_kernel_align_branch.py tests/test_selfcheck.py \
     2>&1 | tee "$OUT/tests.log"
 tests=${PIPESTATUS[0]}
 

@@ -180,3 +180,20 @@ def test_compile_that_agrees_passes_and_one_that_differs_stops(tmp_path):
                                              r"eager: loss "):
         SelfChecks(bad.config, tmp_path).compile(bad, lambda engine: engine.compile(backend=corrupting_backend))
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_kernels_pass_their_self_check_in_bf16_on_the_gpu():
+    """What a run on the H200 checks at start-up: SD-1.5's layout (1280 channels, 8x8 map, D 1024, N 256)."""
+    from repa_fast.models import AlignHead
+
+    model = types.SimpleNamespace(
+        unet=types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=(320, 640, 1280, 1280),
+                                                                sample_size=64)),
+        align_heads={"mid": AlignHead(1280, 1024, 256)}, align_layers=["mid"], D=1024,
+        alignment_loss=AlignmentLoss(kernels="auto"))
+    checks = SelfChecks(load_config(None, ["kernels=auto"]))
+    checks.kernels(model, "cuda", torch.bfloat16)
+    result = checks.results["kernels"]
+    assert result["ok"] and result["used"] == "triton", result
+    assert any(k.startswith("mid/align_branch") for k in result["errors"])  # the fused branch was checked too
