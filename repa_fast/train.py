@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from repa_fast.config import Config, ConfigError, load_config
-from repa_fast.errors import NonFiniteError
+from repa_fast.errors import MissingFileError, NonFiniteError
 
 logger = logging.getLogger("repa_fast.train")
 
@@ -475,7 +475,7 @@ def resume(run: Run, target: str) -> None:
     load_dir, tag = resolve_resume(target, run.ckpt_dir)
     _, client = run.engine.load_checkpoint(str(load_dir), tag=tag)
     if client is None:
-        raise FileNotFoundError(f"--resume: could not load checkpoint {load_dir / tag}")
+        raise MissingFileError(f"--resume: could not load checkpoint {load_dir / tag}")
     run.state.update(client["trainer"])
     run.ema.load_state_dict(client["ema"])
     rng_file = load_dir / tag / f"rng_rank{run.rank:05d}.pt"
@@ -575,7 +575,6 @@ PROG = "repa-fast-train"
 
 def check_resume(resume: str, ckpt_dir: Path) -> None:
     """``--resume`` must name a DeepSpeed checkpoint (see ``resolve_resume``)."""
-    from repa_fast.errors import MissingFileError
 
     try:
         load_dir, tag = resolve_resume(resume, ckpt_dir)
