@@ -575,7 +575,6 @@ PROG = "repa-fast-train"
 
 def check_resume(resume: str, ckpt_dir: Path) -> None:
     """``--resume`` must name a DeepSpeed checkpoint (see ``resolve_resume``)."""
-
     try:
         load_dir, tag = resolve_resume(resume, ckpt_dir)
     except FileNotFoundError as err:
