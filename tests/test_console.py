@@ -74,10 +74,13 @@ def test_verbose_console_shows_everything(tmp_path):
 
 @pytest.mark.slow
 def test_demo_terminal_holds_only_the_runs_own_lines(tmp_path):
-    # make demo's path: the deepspeed launcher, two ranks, ZeRO-2; 8 steps
+    # make demo's path: the deepspeed launcher, two ranks, ZeRO-2; 8 steps (too few for the demo's verdict that
+    # every loss term improved, which may say no: the run itself must finish)
     r = subprocess.run([sys.executable, "-m", "repa_fast.demo", "--out", str(tmp_path / "demo"), "--steps", "8"],
                        capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    verdict_only = r.returncode == 1 and r.stderr.rstrip().splitlines()[-1].startswith("[demo] did not improve")
+    assert r.returncode == 0 or verdict_only, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "[demo] 8 steps;" in r.stdout
     assert all(line.startswith("[demo] ") for line in r.stdout.splitlines()), r.stdout
     terminal = r.stdout + r.stderr
     assert not DEEPSPEED_LINE.search(terminal) and "[INFO]" not in terminal, terminal[-3000:]
