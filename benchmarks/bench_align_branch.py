@@ -30,11 +30,7 @@ from bench_common import (
     time_passes,
     time_table,
 )
-from torch._functorch import config as functorch_config
 
-# measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
-# compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
-functorch_config.donated_buffer = False
 MANIFOLD_COEFF = 3.0  # L_token + 3 L_manifold, the configs' manifold_coeff
 
 

@@ -29,11 +29,6 @@ from bench_common import (
     time_passes,
     time_table,
 )
-from torch._functorch import config as functorch_config
-
-# measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
-# compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
-functorch_config.donated_buffer = False
 
 
 def make_inputs(batch: int, in_ch: int, map_hw: tuple[int, int], dim: int, tokens: int, groups: int, device,

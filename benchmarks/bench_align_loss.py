@@ -27,11 +27,6 @@ from bench_common import (
     run_loss_bench,
     token_shape_parser,
 )
-from torch._functorch import config as functorch_config
-
-# measure() times the backward by running one graph's backward again and again (retain_graph=True), which a
-# compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
-functorch_config.donated_buffer = False
 
 
 def floor_us(x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:

@@ -10,6 +10,11 @@ import os
 import sys
 
 import torch
+from torch._functorch import config as functorch_config
+
+# time_passes times the backward by running one graph's backward again and again (retain_graph=True), which a
+# compiled backward that donates its saved buffers refuses; donation only lets it reuse their memory.
+functorch_config.donated_buffer = False
 
 COPY_BYTES_PER_S = 4.3e12  # H200 copy rate measured in this workplace (DESIGN.md)
 MATMUL_FLOPS_PER_S = 790e12  # H200 bf16 dense matmul rate measured in this workplace (DESIGN.md)

@@ -24,9 +24,6 @@ from bench_common import (
     run_loss_bench,
     token_shape_parser,
 )
-from torch._functorch import config as functorch_config
-
-functorch_config.donated_buffer = False  # as in bench_align_loss: the backward is timed on one retained graph
 
 
 def floor_us(x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:
