@@ -38,7 +38,7 @@ $(TRITON36)/triton/__init__.py: | $(STAMP)
 aot-triton36: $(TRITON36)/triton/__init__.py
 	PYTHONPATH=$(TRITON36) $(PY) -c "import triton; assert triton.__version__ == '3.6.0', triton.__file__"
 	PYTHONPATH=$(TRITON36) $(PY) -m pytest -q tests/test_aot.py tests/test_kernel_align_head.py \
-		tests/test_kernel_align_branch.py tests/test_kernel_align_loss.py -k "aot or h200"
+		tests/test_kernel_align_branch.py tests/test_kernel_align_loss.py tests/test_kernel_token_gram.py -k "aot or h200"
 
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/gpu_report.py --out benchmarks/results/gpu_$(shell date +%F)
