@@ -365,6 +365,7 @@ class SD15Loss:
             return self.align_coeff
         return align_lambda(step, self.align_coeff, self.align_warmup_steps, self.align_schedule,
                             self.align_stop_step, self.max_steps)
+
     def sample_time(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """t in (0, 1) for linear/cosine, integer t in [0, T-1] for ddpm; shape [batch]."""
         if self.weighting == "uniform":

@@ -275,8 +275,7 @@ class StepLog:
         self.samples += samples
 
     def flush(self) -> tuple[list[dict], list[dict]]:
-        """(records of the finite steps, records of the skipped ones with every rank's sample ids). Stops
-        the run after ``MAX_NONFINITE_IN_A_ROW`` skipped steps in a row."""
+        """(records of the finite steps, records of the skipped ones with every rank's sample ids)."""
         import torch.distributed as dist
 
         if not self.values:
@@ -291,7 +290,7 @@ class StepLog:
             if row[-1] > 0:
                 skipped.append(meta)
             else:
-                records.append({**{k: v / self.world for k, v in zip(LOSS_KEYS, row, strict=False)}, **meta,
+                records.append({**{k: v / self.world for k, v in zip(LOSS_KEYS, row[:-1], strict=True)}, **meta,
                                 "samples_per_s": samples_per_s})
         if skipped:  # every rank's ids of the skipped batches (a host collective, only when needed)
             gathered = [None] * self.world

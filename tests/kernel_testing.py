@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from repa_fast.selfcheck import rel_err  # noqa: F401 (re-exported: the project's one relative error)
+
 # Unit roundoff (half the machine epsilon) of each storage dtype.
 UNIT_ROUNDOFF = {
     torch.float64: 2.0**-53,
@@ -30,13 +32,6 @@ FP32_RTOL = 1e-5  # what fp32 accumulation in a kernel reaches at the tested siz
 def tolerance(dtype: torch.dtype, roundings: int = 2) -> float:
     """Relative norm tolerance of a result stored in ``dtype`` after ``roundings`` roundings to that dtype."""
     return max(FP32_RTOL, roundings * UNIT_ROUNDOFF[dtype])
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """|actual - expected| / |expected| in float64 (norms over all elements); 0 when both are zero."""
-    a, e = actual.detach().double(), expected.detach().to(device=actual.device, dtype=torch.float64)
-    diff, scale = (a - e).norm().item(), e.norm().item()
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
 
 
 def outputs_and_grads(fn: Callable, args: Sequence, wrt: Sequence[int],

@@ -27,6 +27,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from repa_fast.errors import MissingFileError
+from repa_fast.losses import AlignmentLoss
 from repa_fast.models.align_head import build_align_head
 from repa_fast.models.hooks import HookManager
 
@@ -162,8 +163,6 @@ class SD15UNetAligned(nn.Module):
                  D: int = 1024, lora_config=None, num_tokens: int = 256, kernels: str = "torch",
                  detach_features: bool = False, alignment_loss=None, align_head: str = "conv_gn"):
         super().__init__()
-        from repa_fast.losses import AlignmentLoss
-
         unknown = [name for name in align_layers if name not in LAYER_PATHS]
         if unknown:
             raise ValueError(f"unknown align layer(s) {unknown}; choose from {list(LAYER_PATHS)}")
@@ -251,8 +250,6 @@ def build_aligned_unet(config, dtype: torch.dtype = torch.float32) -> SD15UNetAl
     """The model a ``Config`` describes."""
     unet = build_unet(config.model, dtype)
     lora = lora_config(unet, config.lora_rank, config.lora_alpha, config.lora_targets) if config.use_lora else None
-    from repa_fast.losses import AlignmentLoss
-
     model = SD15UNetAligned(unet, config.align_layers, config.dino_D, lora, num_tokens=config.dino_N,
                             kernels=config.kernels, detach_features=config.detach_features,
                             alignment_loss=AlignmentLoss.from_config(config), align_head=config.align_head)
