@@ -74,60 +74,55 @@ def _run(fn, inputs: list[torch.Tensor], params: list[torch.Tensor], grad_seed: 
     return tuple(o.detach() for o in outputs) + tuple(g for g in grads if g is not None)
 
 
-def _leaf(t: torch.Tensor, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
-    return t.detach().to(dtype).requires_grad_(grad)
+def _leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(dtype).requires_grad_()
+
+
+def _torch_twin(alignment_loss):
+    """The same alignment loss on the reference path."""
+    twin = copy.copy(alignment_loss)
+    twin.kernels = "torch"
+    return twin
 
 
 def check_head(head, map_hw: tuple[int, int], device, dtype: torch.dtype, kernels: str, alignment_loss,
                seed: int = 0) -> dict:
     """The fused AlignHead (and, where the model would use it, the fused REPA branch) against float64."""
     g = torch.Generator().manual_seed(seed)
-    feat = torch.randn(CHECK_BATCH, head.in_ch, *map_hw, generator=g)
-    y = torch.randn(CHECK_BATCH, head.num_tokens, head.D, generator=g)
-    heads = {}
+    feat = torch.randn(CHECK_BATCH, head.in_ch, *map_hw, generator=g).to(device)
+    y = torch.randn(CHECK_BATCH, head.num_tokens, head.D, generator=g).to(device)
+    heads = {}  # name -> (head copy, its dtype)
     for name, dt, k in (("fused", dtype, kernels), ("eager", dtype, "torch"), ("exact", torch.float64, "torch")):
         h = copy.deepcopy(head).to(device=device, dtype=dt)
         h.kernels = k
-        heads[name] = h
-    results = {}
-    for name, h in heads.items():
-        dt = torch.float64 if name == "exact" else dtype
-        results[name] = _run(h, [_leaf(feat.to(device), dt)], list(h.parameters()))
+        heads[name] = h, dt
+    results = {name: _run(h, [_leaf(feat, dt)], list(h.parameters())) for name, (h, dt) in heads.items()}
     errors = _compare("align_head", results["fused"], results["eager"], results["exact"], dtype)
-    if alignment_loss.fuses_with(heads["fused"], feat.to(device)):
-        branch = {}
-        for name, h in heads.items():
-            dt = torch.float64 if name == "exact" else dtype
-            target = y.to(device, torch.float64 if name == "exact" else torch.float16)
+    if alignment_loss.fuses_with(heads["fused"][0], feat):
+        twin, branch = _torch_twin(alignment_loss), {}
+        for name, (h, dt) in heads.items():
+            target = y.to(torch.float64 if name == "exact" else torch.float16)
             if name == "fused":
                 def fn(x, h=h, target=target):
                     return alignment_loss.fused(h, x, target)
             else:
                 def fn(x, h=h, target=target):
-                    return _reference_losses(alignment_loss, h(x), target)
-            branch[name] = _run(fn, [_leaf(feat.to(device), dt)], list(h.parameters()))
+                    return twin(h(x), target)
+            branch[name] = _run(fn, [_leaf(feat, dt)], list(h.parameters()))
         errors |= _compare("align_branch", branch["fused"], branch["eager"], branch["exact"], dtype)
     return errors
-
-
-def _reference_losses(alignment_loss, x: torch.Tensor, y: torch.Tensor):
-    twin = copy.copy(alignment_loss)
-    twin.kernels = "torch"
-    return twin(x, y)
 
 
 def check_loss(alignment_loss, num_tokens: int, D: int, device, dtype: torch.dtype, seed: int = 1) -> dict:
     """The fused alignment loss on unit-ish tokens in the run's dtype (DINO tokens fp16, as cached)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(CHECK_BATCH + 1, num_tokens, D, generator=g)
-    y = (x + torch.randn(x.shape, generator=g)).to(device, torch.float16)
+    x = torch.randn(CHECK_BATCH + 1, num_tokens, D, generator=g).to(device)
+    y = (x + torch.randn(x.shape, generator=g).to(device)).half()
+    twin = _torch_twin(alignment_loss)
     results = {}
-    for name, dt in (("fused", dtype), ("eager", dtype), ("exact", torch.float64)):
-        loss = alignment_loss if name == "fused" else copy.copy(alignment_loss)
-        if name != "fused":
-            loss.kernels = "torch"
-        target = y.double() if name == "exact" else y
-        results[name] = _run(lambda x, loss=loss, target=target: loss(x, target), [_leaf(x.to(device), dt)], [])
+    for name, loss, dt, target in (("fused", alignment_loss, dtype, y), ("eager", twin, dtype, y),
+                                   ("exact", twin, torch.float64, y.double())):
+        results[name] = _run(lambda x, loss=loss, target=target: loss(x, target), [_leaf(x, dt)], [])
     return _compare("align_loss", results["fused"], results["eager"], results["exact"], dtype)
 
 
