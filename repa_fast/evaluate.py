@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from repa_fast.config import Config, config_from_dict, parse_overrides
-from repa_fast.errors import InputError, MissingFileError, RunError, run_main
+from repa_fast.errors import InputError, MissingFileError, RunError, read_json, run_main
 from repa_fast.export import HEADS_WEIGHT_NAME, LORA_WEIGHT_NAME
 from repa_fast.losses import NORM_EPS, SD15Loss, manifold_gram_loss, noise_schedule, token_loss
 from repa_fast.optional import MissingDependency
@@ -480,10 +480,7 @@ def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise MissingFileError(f"{str(run_dir)!r}: no config.json (not a repa-fast run folder)")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    values = read_json(path, "repa-fast-train writes it at the start of a run")
     values.update(parse_overrides(list(overrides)))
     return config_from_dict(values, str(path))
 
@@ -551,6 +548,15 @@ def load_sd_pipeline(sd_folder: str | os.PathLike, device="cpu", dtype: torch.dt
     return pipe.to(device)
 
 
+def sd_scheduler_config(sd_folder: str | os.PathLike) -> dict:
+    """The scheduler config of the local SD-1.5 folder ``--sd``."""
+    path = Path(sd_folder) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise MissingFileError(f"--sd {str(sd_folder)!r}: no scheduler/scheduler_config.json (a local SD-1.5 "
+                               f"folder: vae, text_encoder, tokenizer, scheduler)")
+    return read_json(path, "--sd must be a local SD-1.5 folder")
+
+
 def _sd_pipeline(root: Path, dtype: torch.dtype, unet):
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -565,7 +571,7 @@ def _sd_pipeline(root: Path, dtype: torch.dtype, unet):
         missing = [s for s in needed if not (root / s).is_dir()]
         if missing:
             raise MissingFileError(f"--sd {str(root)!r}: no model_index.json and no subfolder(s) {missing}")
-        scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_config = sd_scheduler_config(root)
         scheduler_cls = getattr(diffusers, scheduler_config.get("_class_name", "PNDMScheduler"))
         pipe = StableDiffusionPipeline(
             vae=AutoencoderKL.from_pretrained(root / "vae", local_files_only=True, torch_dtype=dtype),

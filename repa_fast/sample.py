@@ -23,9 +23,10 @@ At the end rank 0 checks that every requested PNG exists and writes ``OUT/sample
 The sampler follows the run's noise path:
 - ``path_type: ddpm``: a diffusers scheduler (``--scheduler``: ddim (default), dpm, euler, euler_a, pndm,
   ddpm, unipc) from the SD folder's scheduler config, with ``prediction_type`` from the run's
-  ``prediction`` (v -> v_prediction). Its noise schedule must be SD-1.5's, the one the run trained on.
+  ``prediction`` (v -> v_prediction). Its noise schedule must be the one the run trained on
+  (``losses.noise_schedule``: SD-1.5's for ``sd15``/``tiny``, else the model folder's).
 - ``path_type: linear`` with ``prediction: v``: Euler steps on x_t = (1 - t) x0 + t eps from t = 1 to 0,
-  the U-Net at timestep 999 t as in training (``flow_euler``).
+  the U-Net at timestep (T-1) t as in training (999 t for SD-1.5; ``flow_euler``).
 Other combinations (``cosine``; ``linear`` with epsilon) have no sampler here and are refused.
 
 Bad input (a missing run folder or ``--sd`` file, bad ``--classes``, a folder of other settings) ends the
@@ -47,6 +48,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from repa_fast.errors import InputError, MissingFileError, read_json, run_main
+from repa_fast.evaluate import DTYPES
 from repa_fast.image_io import read_rgb, save_png_atomic, write_npz
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
@@ -61,8 +63,8 @@ PIXEL_SETTINGS = ("run", "weights", "sd", "cfg", "steps", "scheduler", "size", "
 
 class FlowEulerScheduler(FlowMatchEulerDiscreteScheduler):
     """diffusers' flow-matching Euler steps in the interface StableDiffusionPipeline calls (unit initial noise,
-    no input scaling). Built with ``num_train_timesteps=999`` its timesteps are 999 t, as the launcher
-    feeds the U-Net on the linear path."""
+    no input scaling). Built with ``num_train_timesteps=T-1`` its timesteps are (T-1) t (999 t for SD-1.5),
+    as the launcher feeds the U-Net on the linear path."""
 
     init_noise_sigma = 1.0
 
@@ -108,43 +110,58 @@ def rank_jobs(classes: list[int], per_class: int, rank: int, world: int) -> list
     return jobs[rank::world]
 
 
-def build_scheduler(name: str, path_type: str, prediction: str, sd_scheduler_config: dict):
-    """The sampler for a run's noise path (see the module doc); ``sd_scheduler_config`` is the SD folder's."""
+def scheduler_name(name: str, path_type: str) -> str:
+    """``--scheduler`` with ``auto`` resolved: flow_euler on the linear path, ddim on the ddpm path."""
+    if name != "auto":
+        return name
+    return FLOW_EULER if path_type == "linear" else "ddim"
+
+
+def build_scheduler(name: str, path_type: str, prediction: str, sd_scheduler_config: dict, trained=None):
+    """The sampler for a run's noise path (see the module doc); ``sd_scheduler_config`` is the SD folder's and
+    ``trained`` the DDPMScheduler the run trained on (``losses.noise_schedule``; default SD-1.5's)."""
     import diffusers
 
-    from repa_fast.losses import sd15_noise_schedule
+    from repa_fast.losses import PREDICTION_TYPES, sd15_noise_schedule
 
+    trained = sd15_noise_schedule() if trained is None else trained
+    T = int(trained.config.num_train_timesteps)
     if path_type == "linear":
         if prediction != "v":
             raise InputError(f"run config: path_type 'linear' with prediction {prediction!r}: no sampler here "
                              f"(only v)")
         if name not in ("auto", FLOW_EULER):
             raise InputError(f"--scheduler {name!r}: a path_type 'linear' run samples with {FLOW_EULER!r} only "
-                             f"(the DDPM-family schedulers follow SD-1.5's noise schedule, not the linear path)")
-        return FlowEulerScheduler(num_train_timesteps=999)
+                             f"(the DDPM-family schedulers follow the model's noise schedule, not the linear path)")
+        return FlowEulerScheduler(num_train_timesteps=T - 1)  # timesteps (T-1) t, as SD15Loss.interpolate
     if path_type != "ddpm":
         raise InputError(f"run config: path_type {path_type!r}: no sampler here (ddpm and linear are supported)")
-    name = "ddim" if name == "auto" else name
+    name = scheduler_name(name, path_type)
     if name not in SCHEDULERS:
         raise InputError(f"--scheduler {name!r} is not one of {['auto', FLOW_EULER, *SCHEDULERS]}")
     cls = getattr(diffusers, SCHEDULERS[name])
-    settings = {"prediction_type": "v_prediction" if prediction == "v" else "epsilon"}
+    settings = {"prediction_type": PREDICTION_TYPES[prediction]}
     if "clip_sample" in inspect.signature(cls.__init__).parameters:
         settings["clip_sample"] = False  # latents are not in [-1, 1]; SD-1.5's config says so, DDIM's default not
     scheduler = cls.from_config(sd_scheduler_config, **settings)
-    trained = sd15_noise_schedule().alphas_cumprod.double()
-    have = scheduler.alphas_cumprod.double()
-    if have.shape != trained.shape or not torch.allclose(have, trained, rtol=1e-4, atol=1e-7):
-        c = scheduler.config
+    if not _same_schedule(scheduler, trained):
+        c, t = scheduler.config, trained.config
+        whose = "SD-1.5's" if _same_schedule(trained, sd15_noise_schedule()) else "the model folder's"
         raise InputError(f"--sd scheduler config: beta_schedule {c.get('beta_schedule')!r}, beta_start "
                          f"{c.get('beta_start')}, beta_end {c.get('beta_end')}, {c.get('num_train_timesteps')} steps "
-                         f"is not SD-1.5's schedule (scaled_linear, 0.00085, 0.012, 1000), which the run trained on")
+                         f"is not {whose} schedule ({t.beta_schedule}, {t.beta_start}, {t.beta_end}, "
+                         f"{t.num_train_timesteps}), which the run trained on")
     return scheduler
 
 
-def settings_of(args: argparse.Namespace, config, scheduler_name: str) -> dict:
+def _same_schedule(a, b) -> bool:
+    x, y = a.alphas_cumprod.double(), b.alphas_cumprod.double()
+    return x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-7)
+
+
+def settings_of(args: argparse.Namespace, config, sampler: str) -> dict:
     return {"run": str(Path(args.run_dir).resolve()), "weights": args.weights, "sd": str(Path(args.sd).resolve()),
-            "cfg": args.cfg, "steps": args.steps, "scheduler": scheduler_name, "size": args.size, "seed": args.seed,
+            "cfg": args.cfg, "steps": args.steps, "scheduler": sampler, "size": args.size, "seed": args.seed,
             "dtype": args.dtype, "path_type": config.path_type, "prediction": config.prediction,
             "overrides": list(args.overrides)}
 
@@ -222,7 +239,7 @@ def generate(pipe, table: torch.Tensor, jobs: list[tuple[int, int]], out: Path, 
 
 def assemble(out: Path, classes: list[int], per_class: int, size: int) -> Path:
     """``samples_{N}x{H}x{W}x3.npz`` of every requested image in (class, j) order; a missing PNG is an error."""
-    jobs = [(c, j) for c in classes for j in range(per_class)]
+    jobs = rank_jobs(classes, per_class, 0, 1)
     missing = [png_name(c, j) for c, j in jobs if not (out / png_name(c, j)).is_file()]
     if missing:
         raise MissingFileError(f"{out}: {len(missing)} of {len(jobs)} images missing ({missing[:3]} ...): "
@@ -238,9 +255,6 @@ def assemble(out: Path, classes: list[int], per_class: int, size: int) -> Path:
 
     path = out / f"samples_{len(jobs)}x{size}x{size}x3.npz"
     return write_npz(path, images(), len(jobs), (size, size, 3), labels=np.array([c for c, _ in jobs]))
-
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,14 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_out(args: argparse.Namespace, scheduler_name: str) -> Path:
+def default_out(args: argparse.Namespace, sampler: str) -> Path:
     return (Path(args.run_dir) / "samples"
-            / f"{args.weights}_cfg{args.cfg:g}_{scheduler_name}{args.steps}_{args.size}px_seed{args.seed}")
+            / f"{args.weights}_cfg{args.cfg:g}_{sampler}{args.steps}_{args.size}px_seed{args.seed}")
 
 
 def run(args: argparse.Namespace) -> dict:
     from repa_fast.data.cache import load_clip_prompts, load_clip_table
-    from repa_fast.evaluate import load_run_config, load_run_unet, load_sd_pipeline
+    from repa_fast.evaluate import load_run_config, load_run_unet, load_sd_pipeline, sd_scheduler_config
+    from repa_fast.losses import noise_schedule
 
     for option, value in (("--per-class", args.per_class), ("--steps", args.steps), ("--batch-size", args.batch_size),
                           ("--size", args.size)):
@@ -288,14 +303,15 @@ def run(args: argparse.Namespace) -> dict:
         args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
         dtype = DTYPES[args.dtype]
         config = load_run_config(args.run_dir, args.overrides)
-        sd_config = _sd_scheduler_config(args.sd)
-        scheduler = build_scheduler(args.scheduler, config.path_type, config.prediction, sd_config)
-        scheduler_name = FLOW_EULER if isinstance(scheduler, FlowEulerScheduler) else (
-            "ddim" if args.scheduler == "auto" else args.scheduler)
-        settings = settings_of(args, config, scheduler_name)
-        out = Path(args.out) if args.out else default_out(args, scheduler_name)
+        sd_config = sd_scheduler_config(args.sd)
+        scheduler = build_scheduler(args.scheduler, config.path_type, config.prediction, sd_config,
+                                    trained=noise_schedule(config))
+        name = scheduler_name(args.scheduler, config.path_type)
+        settings = settings_of(args, config, name)
+        out = Path(args.out) if args.out else default_out(args, name)
         check_settings(out, settings)
         table = load_clip_table(config.clip_embeddings_path)
+        prompts = load_clip_prompts(config.clip_embeddings_path)  # read now: a bad file stops before sampling
         classes = parse_classes(args.classes, table.shape[0] - 1)
         jobs = rank_jobs(classes, args.per_class, dist.rank, dist.world)
         out.mkdir(parents=True, exist_ok=True)
@@ -303,9 +319,7 @@ def run(args: argparse.Namespace) -> dict:
             write_meta(out, {"settings": settings})
 
         unet, _ = load_run_unet(args.run_dir, args.weights, config)
-        if table.shape[-1] != unet.config.cross_attention_dim:
-            raise InputError(f"{config.clip_embeddings_path}: embedding dim {table.shape[-1]}, the U-Net expects "
-                             f"{unet.config.cross_attention_dim} (config keys 'clip_embeddings_path' and 'model')")
+        load_clip_table(config.clip_embeddings_path, dim=unet.config.cross_attention_dim, mmap=True)  # its width
         pipe = load_sd_pipeline(args.sd, device, dtype, unet=unet.requires_grad_(False).eval())
         pipe.scheduler = scheduler
         t0 = time.perf_counter()
@@ -317,7 +331,7 @@ def run(args: argparse.Namespace) -> dict:
                   "num_images": len(classes) * args.per_class}
         if dist.rank == 0:
             meta = {"settings": settings, "classes": classes, "per_class": args.per_class,
-                    "png": "c{class:04d}_{j:05d}.png", "prompts": load_clip_prompts(config.clip_embeddings_path)}
+                    "png": "c{class:04d}_{j:05d}.png", "prompts": prompts}
             if not args.no_npz:
                 result["npz"] = str(assemble(out, classes, args.per_class, args.size))
                 meta["npz"] = Path(result["npz"]).name
@@ -325,14 +339,6 @@ def run(args: argparse.Namespace) -> dict:
         return result
     finally:
         dist.close()
-
-
-def _sd_scheduler_config(sd_folder: str | os.PathLike) -> dict:
-    path = Path(sd_folder) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        raise MissingFileError(f"--sd {str(sd_folder)!r}: no scheduler/scheduler_config.json (a local SD-1.5 "
-                               f"folder: vae, text_encoder, tokenizer, scheduler)")
-    return read_json(path, "--sd must be a local SD-1.5 folder")
 
 
 def main(argv: list[str] | None = None) -> None:

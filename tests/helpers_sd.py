@@ -72,11 +72,12 @@ def write_sd_folder(path, unet, scheduler=None) -> None:
 
 
 def sd15_scheduler():
-    """SD-1.5's scheduler settings (PNDM, scaled-linear betas 0.00085 -> 0.012, steps offset 1)."""
+    """SD-1.5's scheduler as its folder holds it (PNDM with SD-1.5's published config, repa_fast.losses)."""
     from diffusers import PNDMScheduler
 
-    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                         set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    from repa_fast.losses import SD15_SCHEDULER
+
+    return PNDMScheduler.from_config({**SD15_SCHEDULER, "skip_prk_steps": True})
 
 
 def write_standin_inception(path, num_features: int = 16, num_classes: int = 10, seed: int = 0) -> None:

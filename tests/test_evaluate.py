@@ -166,7 +166,7 @@ def test_run_alignment_eval_logs_scalars_and_tsne(tiny_run):
     batch = ev.held_out_batch(dataset, 12, clip_table=table, dtype=torch.float32)
     writer = _Recorder()
     result = ev.run_alignment_eval(model, batch, config, step=7, writer=writer, k=4, cca_dims=8,
-                                   tokens_per_sample=16, tsne_points=30, tsne_iter=100)
+                                   tokens_per_sample=16, tsne_points=30, tsne_iter=250)
     assert model.training and not model.hook_manager.features  # mode restored, features dropped
     want = {f"eval/mid/{m}" for m in ev.METRICS} | {f"eval/mid/{m}_t{t}" for m in ev.METRICS
                                                      for t in ("0.25", "0.5", "0.75")} | {"eval/loss_diff"}

@@ -37,11 +37,12 @@ def _sample_with_oracle(scheduler, x0: torch.Tensor, path_type: str, prediction:
     g = torch.Generator().manual_seed(1)
     scheduler.set_timesteps(steps)
     x = torch.randn(x0.shape, generator=g) * scheduler.init_noise_sigma
-    abar = sd15_noise_schedule().alphas_cumprod.double()
+    trained = sd15_noise_schedule()
+    abar, t_max = trained.alphas_cumprod.double(), trained.config.num_train_timesteps - 1  # as SD15Loss
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
-        if path_type == "linear":  # x_t = (1 - s) x0 + s eps with s = t / 999: v = eps - x0 = (x_t - x0) / s
-            out = (x_in - x0) / (float(t) / 999)
+        if path_type == "linear":  # x_t = (1 - s) x0 + s eps with s = t / (T-1): v = eps - x0 = (x_t - x0) / s
+            out = (x_in - x0) / (float(t) / t_max)
         else:
             a, s = abar[int(t)].sqrt().float(), (1 - abar[int(t)]).sqrt().float()
             eps = (x_in - a * x0) / s
@@ -345,7 +346,7 @@ def test_report_shows_every_part_it_finds(tiny, tmp_path):
     for src in sources:  # every picture lies in the report folder
         with Image.open(index.parent / src) as im:
             assert im.size[0] > 100
-    assert f"{fid_value:.3e}" in text or f"{fid_value:.4f}" in text
+    assert f'<td class="num">{report._num(fid_value)}</td>' in text  # the FID cell itself
     assert "<td>clip_embeddings_path</td>" in text and "<td>ema</td>" in text
 
 

@@ -276,10 +276,15 @@ def load_clip_table(path: str | os.PathLike, num_rows: int | None = None, dim: i
     return table
 
 
+def clip_prompts_path(table_path: str | os.PathLike) -> Path:
+    """``<table>.json`` beside a CLIP table: its prompts and source (written by prepare_clip_embeddings)."""
+    return Path(str(table_path) + ".json")
+
+
 def load_clip_prompts(path: str | os.PathLike) -> list[str] | None:
     """The prompt of each CLIP table row, from the ``<table>.json`` that prepare_clip_embeddings writes beside
     it (None without one): labels for plots and sample grids."""
-    side = Path(str(path) + ".json")
+    side = clip_prompts_path(path)
     if not side.is_file():
         return None
     try:

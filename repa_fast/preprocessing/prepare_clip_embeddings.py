@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from repa_fast.data.cache import load_clip_table
+from repa_fast.data.cache import clip_prompts_path, load_clip_table
 from repa_fast.errors import InputError, MissingFileError, run_main
 from repa_fast.preprocessing.class_index import load_class_index
 from repa_fast.preprocessing.image_cache import DTYPES, resolve_device
@@ -78,7 +78,7 @@ def save_table(table: torch.Tensor, path: Path, info: dict) -> None:
     else:
         torch.save(table.contiguous(), tmp)
     os.replace(tmp, path)
-    side = path.with_name(path.name + ".json")
+    side = clip_prompts_path(path)
     side.with_name(side.name + ".tmp").write_text(json.dumps(info, indent=1), encoding="utf-8")
     os.replace(side.with_name(side.name + ".tmp"), side)
 
