@@ -21,24 +21,19 @@ import sys
 import torch
 from bench_align_head import head_parser
 from bench_align_head import make_inputs as head_inputs
-from bench_common import (
-    floors_us,
-    gpu_ready,
-    launches_per_step,
-    max_relative_difference,
-    print_floors,
-    time_passes,
-    time_table,
-)
+from bench_common import floors_us, gpu_ready, loss_agreement, loss_launches, loss_timing, run_loss_bench
 
 MANIFOLD_COEFF = 3.0  # L_token + 3 L_manifold, the configs' manifold_coeff
+WEIGHTS = (1.0, MANIFOLD_COEFF)
 
 
 def make_inputs(batch: int, in_ch: int, map_hw: tuple[int, int], dim: int, tokens: int, groups: int, device,
                 dtype=torch.bfloat16, y_dtype=torch.float16):
-    """(head, feat, y): bench_align_head's head and feature map, and DINO tokens [batch, tokens, dim] correlated
-    with the head's tokens (so that neither loss is trivial)."""
+    """(head, feat, y): bench_align_head's head (kernels=triton: called with targets it runs the fused branch,
+    as in the model) and feature map, and DINO tokens [batch, tokens, dim] correlated with the head's tokens
+    (so that neither loss is trivial)."""
     head, feat, _ = head_inputs(batch, in_ch, map_hw, dim, tokens, groups, device, dtype)
+    head.kernels = "triton"
     with torch.no_grad():
         y = (head.reference(feat).float() + torch.randn(batch, tokens, dim, device=device)).to(y_dtype)
     return head, feat, y
@@ -58,18 +53,14 @@ def floor_us(head, feat: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, f
 
 def implementations(head, upper_only: bool = False, mask_diag: bool = False, compile_backend: str = "inductor"):
     """name -> f(feat, y) returning (L_token, L_manifold): the reference head and losses, them compiled, the
-    fused op."""
-    from repa_fast.kernels.align_branch import align_branch_loss
+    fused op as the model calls it (the head, kernels=triton, given the targets)."""
     from repa_fast.losses import alignment_losses
-
-    conv, norm = head.proj[0], head.proj[1]
 
     def eager(feat, y):
         return alignment_losses(head.reference(feat), y, upper_only, mask_diag, kernels="torch")
 
     def fused(feat, y):
-        return align_branch_loss(feat, conv.weight, norm.weight, norm.bias, norm.num_groups, head.grid, norm.eps, y,
-                                 upper_only, mask_diag)
+        return head(feat, target=y, upper_only=upper_only, mask_diag=mask_diag)
 
     # as bench_align_head: inductor's autotuned GEMM templates without CUDA graphs
     mode = "max-autotune-no-cudagraphs" if compile_backend == "inductor" else None
@@ -80,37 +71,18 @@ def measure(fn, head, feat0: torch.Tensor, y: torch.Tensor, quantiles, bench=Non
     """Times (ms at ``quantiles``) of forward, backward and both of L_token + 3 L_manifold by ``bench``
     (do_bench's signature; default do_bench), and on CUDA the peak memory of forward+backward above the inputs
     (None elsewhere)."""
-    feat = feat0.detach().clone().requires_grad_()
-
-    def forward():
-        lt, lm = fn(feat, y)
-        return lt + MANIFOLD_COEFF * lm
-
-    return time_passes(forward, None, [feat, *head.parameters()], quantiles, bench)
-
-
-def _losses_and_grads(fn, head, feat0: torch.Tensor, y: torch.Tensor):
-    feat = feat0.detach().clone().requires_grad_()
-    lt, lm = fn(feat, y)
-    grads = torch.autograd.grad(lt + MANIFOLD_COEFF * lm, [feat, *head.parameters()])
-    return [t.detach().double() for t in (lt, lm, *grads)]
+    return loss_timing(fn, WEIGHTS, feat0, y, quantiles, bench, params=tuple(head.parameters()))
 
 
 def check_agreement(impls, head, feat0: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Relative differences of each implementation's losses and gradients (feat, conv, GroupNorm weight and
     bias) from the eager reference."""
-    return max_relative_difference({name: _losses_and_grads(fn, head, feat0, y) for name, fn in impls.items()})
+    return loss_agreement(impls, WEIGHTS, feat0, y, params=tuple(head.parameters()))
 
 
 def launches(impls, head, feat0: torch.Tensor, y: torch.Tensor) -> dict[str, int | None]:
     """Kernel launches of one forward+backward per implementation (None: compiled, not counted)."""
-    grads = [torch.ones((), device=feat0.device), torch.full((), MANIFOLD_COEFF, device=feat0.device)]
-
-    def step(fn):
-        feat = feat0.detach().clone().requires_grad_()
-        return lambda: torch.autograd.grad(fn(feat, y), [feat, *head.parameters()], grads)
-
-    return launches_per_step(impls, step)
+    return loss_launches(impls, WEIGHTS, feat0, y, params=tuple(head.parameters()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,20 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     map_hw = (args.map, args.map)
     head, feat, y = make_inputs(args.batch, args.in_ch, map_hw, args.dim, args.tokens, args.groups, "cuda")
-    impls = implementations(head, args.upper_only, args.mask_diag)
-    floors = floor_us(head, feat, y)
     print(f"{torch.cuda.get_device_name()}; feat {list(feat.shape)} bf16 -> tokens [{args.batch},{args.tokens},"
           f"{args.dim}] vs y fp16, {args.groups} groups; upper_only={args.upper_only} mask_diag={args.mask_diag}")
-    print_floors(floors, "forward: read feat + W + y, 2*B*HW*C*D FLOPs; backward: read feat + W + y, write dfeat "
-                         "+ dW, two GEMMs of 2*B*HW*C*D; full: the sum")
-    for name, diff in check_agreement(impls, head, feat, y).items():
-        print(f"  {name}: max relative difference from eager (losses, gradients) = {diff:.2e}")
-
     fields = {"feat_shape": list(feat.shape), "tokens": args.tokens, "dim": args.dim, "groups": args.groups,
               "dtype": "bfloat16", "y_dtype": "float16", "upper_only": args.upper_only, "mask_diag": args.mask_diag}
-    time_table("align_branch", impls, lambda fn, q: measure(fn, head, feat, y, q),
-               {p: f["floor_us"] for p, f in floors.items()}, floors, fields, args.out,
-               launches(impls, head, feat, y))
+    run_loss_bench("align_branch", implementations(head, args.upper_only, args.mask_diag), WEIGHTS, feat, y,
+                   floor_us(head, feat, y), "forward: read feat + W + y, 2*B*HW*C*D FLOPs; backward: read feat + W "
+                   "+ y, write dfeat + dW, two GEMMs of 2*B*HW*C*D; full: the sum", fields, args.out,
+                   params=tuple(head.parameters()))
     return 0
 
 

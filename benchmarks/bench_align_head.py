@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fields = {"feat_shape": list(feat.shape), "tokens": args.tokens, "dim": args.dim, "groups": args.groups,
               "dtype": "bfloat16"}
-    time_table("align_head", impls, lambda fn, q: measure(fn, head, feat, grad, q),
-               {p: f["floor_us"] for p, f in floors.items()}, floors, fields, args.out,
+    time_table("align_head", impls, lambda fn, q: measure(fn, head, feat, grad, q), floors, fields, args.out,
                launches(impls, head, feat, grad))
     return 0
 

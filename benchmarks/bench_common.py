@@ -6,6 +6,7 @@ import argparse
 import datetime
 import functools
 import json
+import operator
 import os
 import sys
 
@@ -41,42 +42,48 @@ def print_floors(floors: dict[str, dict[str, float]], work: str) -> None:
     print(f"  ({work})")
 
 
-def losses_and_grad(fn, weights, x: torch.Tensor, y: torch.Tensor):
-    """The losses ``fn(x, y)`` (a tuple) and the gradient of their ``weights``-sum w.r.t. x (a fresh leaf)."""
+def weighted_sum(weights, losses) -> torch.Tensor:
+    """The ``weights``-sum of ``losses``, with no zero to start from and no product by a weight of 1: only the
+    adds and multiplies the sum needs (each is a kernel in the timed passes)."""
+    terms = [loss if w == 1 else w * loss for w, loss in zip(weights, losses, strict=True)]
+    return functools.reduce(operator.add, terms)
+
+
+def losses_and_grad(fn, weights, x: torch.Tensor, y: torch.Tensor, params=()):
+    """The losses ``fn(x, y)`` (a tuple) and the gradients of their ``weights``-sum w.r.t. x (a fresh leaf),
+    then w.r.t. each of ``params`` (leaves ``fn`` uses, e.g. a head's weights)."""
     leaf = x.detach().clone().requires_grad_()
     losses = fn(leaf, y)
     grads = [torch.full((), w, dtype=loss.dtype, device=loss.device) for w, loss in zip(weights, losses, strict=True)]
-    (dx,) = torch.autograd.grad(losses, leaf, grads)
-    return losses, dx
+    return losses, torch.autograd.grad(losses, [leaf, *params], grads)
 
 
-def loss_timing(fn, weights, x0: torch.Tensor, y: torch.Tensor, quantiles, bench=None) -> dict:
-    """``time_passes`` of the ``weights``-sum of the losses ``fn(x, y)`` (a tuple), x a leaf copy of x0."""
+def loss_timing(fn, weights, x0: torch.Tensor, y: torch.Tensor, quantiles, bench=None, params=()) -> dict:
+    """``time_passes`` of the ``weights``-sum of the losses ``fn(x, y)`` (a tuple), x a leaf copy of x0; the
+    leaves are x and ``params``."""
     x = x0.detach().clone().requires_grad_()
-
-    def forward():
-        return sum(w * loss for w, loss in zip(weights, fn(x, y), strict=True))
-
-    return time_passes(forward, None, [x], quantiles, bench)
+    return time_passes(lambda: weighted_sum(weights, fn(x, y)), None, [x, *params], quantiles, bench)
 
 
-def loss_agreement(impls: dict, weights, x0: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Relative differences of each implementation's losses and dx from the eager one."""
+def loss_agreement(impls: dict, weights, x0: torch.Tensor, y: torch.Tensor, params=()) -> dict[str, float]:
+    """Relative differences of each implementation's losses, dx and the gradients of ``params`` from the
+    eager one."""
     results = {}
     for name, fn in impls.items():
-        losses, dx = losses_and_grad(fn, weights, x0, y)
-        results[name] = [*(loss.detach().double() for loss in losses), dx.double()]
+        losses, grads = losses_and_grad(fn, weights, x0, y, params)
+        results[name] = [*(loss.detach().double() for loss in losses), *(g.double() for g in grads)]
     return max_relative_difference(results)
 
 
 def loss_launches(impls: dict, weights, x0: torch.Tensor, y: torch.Tensor,
-                  uncounted: tuple[str, ...] = ("compiled",)) -> dict[str, int | None]:
-    """Kernel launches of one forward+backward of each loss implementation ``fn(x, y)`` (``launches_per_step``)."""
+                  uncounted: tuple[str, ...] = ("compiled",), params=()) -> dict[str, int | None]:
+    """Kernel launches of one forward+backward (the gradients of x and ``params``) of each loss implementation
+    ``fn(x, y)`` (``launches_per_step``)."""
     grads = [torch.full((), w, dtype=torch.float32, device=x0.device) for w in weights]
 
     def step(fn):
         leaf = x0.detach().clone().requires_grad_()
-        return lambda: torch.autograd.grad(fn(leaf, y), leaf, grads)
+        return lambda: torch.autograd.grad(fn(leaf, y), [leaf, *params], grads)
 
     return launches_per_step(impls, step, uncounted)
 
@@ -156,11 +163,12 @@ def gpu_ready(script: str) -> bool:
     return True
 
 
-def time_table(op: str, impls: dict, measure_one, floors_us: dict[str, float], floor_fields: dict[str, dict],
-               fields: dict, out: str | None, launches: dict[str, int | None] | None = None) -> list[dict]:
-    """Time every implementation (``measure_one(fn, quantiles)``), print one table with the floor beside each
-    pass (and, given ``launches``, each implementation's kernel launches per forward+backward), and return
-    (and with ``out``, write as JSON) one row per implementation and pass."""
+def time_table(op: str, impls: dict, measure_one, floors: dict[str, dict], fields: dict, out: str | None,
+               launches: dict[str, int | None] | None = None) -> list[dict]:
+    """Time every implementation (``measure_one(fn, quantiles)``), print one table with the floor (``floors``,
+    as ``floors_us`` makes them) beside each pass (and, given ``launches``, each implementation's kernel
+    launches per forward+backward), and return (and with ``out``, write as JSON) one row per implementation
+    and pass."""
     import triton
 
     quantiles = [0.5, 0.2, 0.8]
@@ -178,11 +186,12 @@ def time_table(op: str, impls: dict, measure_one, floors_us: dict[str, float], f
             median, p20, p80 = (1e3 * t for t in timing[pass_name])
             peak = timing["peak_mib"] if pass_name == "full" else None
             count = launches.get(name) if launches and pass_name == "full" else None
-            print(f"{name:<10}{pass_name:<10}{median:>11.1f}{p20:>9.1f}{p80:>9.1f}{floors_us[pass_name]:>10.1f}"
+            floor = floors[pass_name]["floor_us"]
+            print(f"{name:<10}{pass_name:<10}{median:>11.1f}{p20:>9.1f}{p80:>9.1f}{floor:>10.1f}"
                   f"{peak if peak is not None else float('nan'):>10.1f}"
                   + (f"{'' if count is None else count:>10}" if launches else ""))
             rows.append({"op": op, "impl": name, "pass": pass_name, "median_us": median, "p20_us": p20,
-                         "p80_us": p80, **floor_fields[pass_name], "peak_mib": peak, "gpu": gpu, **fields,
+                         "p80_us": p80, **floors[pass_name], "peak_mib": peak, "gpu": gpu, **fields,
                          **({"launches": count} if launches else {}),
                          "torch": torch.__version__, "triton": triton.__version__, "date": stamp,
                          "command": command})
@@ -205,12 +214,14 @@ def token_shape_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_loss_bench(op: str, impls: dict, weights, x: torch.Tensor, y: torch.Tensor, floors: dict, work: str,
-                   fields: dict, out: str | None) -> list[dict]:
+                   fields: dict, out: str | None, params=()) -> list[dict]:
     """A loss benchmark after its set-up: the floors, each implementation's agreement with eager and launches,
-    then the timing table (``time_table``) of the ``weights``-sum of its losses."""
+    then the timing table (``time_table``) of the ``weights``-sum of its losses; ``params``: leaves of ``fn``
+    besides x, whose gradients are checked and computed too."""
     print_floors(floors, work)
-    for name, diff in loss_agreement(impls, weights, x, y).items():
-        print(f"  {name}: max relative difference from eager (losses, dx) = {diff:.2e}")
-    counts = loss_launches(impls, weights, x, y)
-    return time_table(op, impls, lambda fn, q: loss_timing(fn, weights, x, y, q),
-                      {p: f["floor_us"] for p, f in floors.items()}, floors, fields, out, counts)
+    what = "losses, dx" + (", parameter gradients" if params else "")
+    for name, diff in loss_agreement(impls, weights, x, y, params).items():
+        print(f"  {name}: max relative difference from eager ({what}) = {diff:.2e}")
+    counts = loss_launches(impls, weights, x, y, params=params)
+    return time_table(op, impls, lambda fn, q: loss_timing(fn, weights, x, y, q, params=params), floors, fields, out,
+                      counts)

@@ -1,12 +1,14 @@
 """The GPU report: the fused ops against eager and torch.compile, the REPA overhead of a training step, and
-the whole step, reference path against fast path, in one table. One H200, under 8 minutes:
+the whole step, reference path against fast path, in one table. On one H200, sized for gpu_run.sh's 450 s
+limit; not yet timed with the four-op op part and setup's self-checks (the one run, of older code, took
+258 s, its op part failing after 68 s):
 
-    python benchmarks/gpu_report.py --out benchmarks/results/gpu_2026-11-29      (make bench-gpu)
+    python benchmarks/gpu_report.py --out benchmarks/results/gpu_<date>           (make bench-gpu)
     python benchmarks/gpu_report.py --tiny --out /tmp/gpu_report_tiny             (CPU, seconds)
 
-Writes DIR/gpu_report.json (one row per measurement, each with the machine, the date and the command) and
-DIR/gpu_report.md (the table; ``benchmarks/update_readme.py`` puts it into the README), and prints the
-table last. Parts (``--parts``):
+Writes DIR/gpu_report.json (one row per measurement, each with the machine, the date, the command and the
+code: the git commit of the tree, or "unknown" without .git) and DIR/gpu_report.md (the table;
+``benchmarks/update_readme.py`` puts it into the README), and prints the table last. Parts (``--parts``):
 
   op        AlignHead (8x8 map -> 16x16 tokens), the alignment loss, the token-form manifold loss and the
             whole REPA branch (head + alignment loss; fused: one op whose tokens never reach memory) at B=48,
@@ -39,6 +41,7 @@ that the code paths run; they are not figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import gc
@@ -46,6 +49,7 @@ import itertools
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +61,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("op", "overhead", "step")
-PASSES = ("forward", "backward", "full")
 QUANTILES = [0.5, 0.2, 0.8]
 
 
@@ -149,36 +152,11 @@ def free_memory() -> None:
 # --- part 1: the fused ops ---------------------------------------------------------------------------------
 
 def op_rows(mode: Mode) -> list[dict]:
-    import bench_align_head as bah
-    import bench_align_loss as bal
-
-    bench = op_bench(mode)
     rows = []
-
-    def add(*args):  # one op's rows
-        rows.extend(timing_rows(*args))
-
-    torch.manual_seed(0)
-    head, feat, grad = bah.make_inputs(mode.op_batch, mode.in_ch, mode.map_hw, mode.dim, mode.tokens, mode.groups,
-                                       mode.device, mode.dtype)
-    impls = bah.implementations(head, mode.compile_backend)
-    agreement = bah.check_agreement(impls, head, feat, grad)
-    floors = {p: f["floor_us"] for p, f in bah.floor_us(head, feat).items()}
-    timings = {name: bah.measure(fn, head, feat, grad, QUANTILES, bench=bench) for name, fn in impls.items()}
-    add("align_head", timings, floors, agreement, head_shape(mode), bah.launches(impls, head, feat, grad))
-    del head, feat, grad, impls, timings
-    free_memory()
-
-    shape = (mode.op_batch, mode.tokens, mode.dim)
-    x, y = bal.make_inputs(shape, mode.device, mode.dtype, mode.y_dtype)
-    impls = bal.implementations(False, False, mode.compile_backend)
-    agreement = bal.check_agreement(impls, x, y, 3.0)
-    floors = {p: f["floor_us"] for p, f in bal.floor_us(x, y).items()}
-    timings = {name: bal.measure(fn, x, y, 3.0, QUANTILES, bench=bench) for name, fn in impls.items()}
-    add("align_loss", timings, floors, agreement, token_shape(mode), bal.launches(impls, x, y, 3.0))
-    del x, y, impls, timings
-    free_memory()
-    return rows + token_gram_rows(mode) + align_branch_rows(mode)
+    for build in (align_head_rows, align_loss_rows, token_gram_rows, align_branch_rows):
+        rows += build(mode)
+        free_memory()  # this op's inputs and compiled graphs, before the next one
+    return rows
 
 
 def op_bench(mode: Mode):
@@ -198,8 +176,11 @@ def token_shape(mode: Mode) -> str:
 
 def timing_rows(op: str, timings: dict, floors: dict, agreement: dict, shape: str,
                 launches: dict | None = None) -> list[dict]:
-    """The report's rows of one op: per implementation and pass, the times, the floor, the ratio to eager, the
-    peak memory and agreement; with ``launches``, each implementation's launches per forward+backward."""
+    """The report's rows of one op: per implementation and pass, the times, the floor (``floors`` as
+    bench_common.floors_us makes them), the ratio to eager, the peak memory and agreement; with ``launches``,
+    each implementation's launches per forward+backward."""
+    from bench_common import PASSES  # here: importing bench_common sets a torch.compile option for the op part
+
     rows = []
     for impl, timing in timings.items():
         for pass_name in PASSES:
@@ -207,13 +188,42 @@ def timing_rows(op: str, timings: dict, floors: dict, agreement: dict, shape: st
             eager = timings["eager"][pass_name][0]
             rows.append({
                 "part": "op", "item": op, "impl": impl, "pass": pass_name, "median_ms": median, "p20_ms": p20,
-                "p80_ms": p80, "floor_ms": floors[pass_name] / 1e3, "vs": None if impl == "eager" else "eager",
+                "p80_ms": p80, "floor_ms": floors[pass_name]["floor_us"] / 1e3,
+                "vs": None if impl == "eager" else "eager",
                 "ratio": None if impl == "eager" else eager / median,
                 "peak_mib": timing["peak_mib"] if pass_name == "full" else None,
                 "max_rel_diff_vs_eager": agreement.get(impl), "shape": shape,
                 **({"launches": launches.get(impl)} if launches else {}),
             })
     return rows
+
+
+def align_head_rows(mode: Mode) -> list[dict]:
+    """AlignHead (bench_align_head.py) at the op shapes: eager / compiled / fused."""
+    import bench_align_head as bah
+
+    torch.manual_seed(0)
+    head, feat, grad = bah.make_inputs(mode.op_batch, mode.in_ch, mode.map_hw, mode.dim, mode.tokens, mode.groups,
+                                       mode.device, mode.dtype)
+    impls = bah.implementations(head, mode.compile_backend)
+    agreement = bah.check_agreement(impls, head, feat, grad)
+    timings = {name: bah.measure(fn, head, feat, grad, QUANTILES, bench=op_bench(mode)) for name, fn in impls.items()}
+    return timing_rows("align_head", timings, bah.floor_us(head, feat), agreement, head_shape(mode),
+                       bah.launches(impls, head, feat, grad))
+
+
+def align_loss_rows(mode: Mode) -> list[dict]:
+    """The alignment loss L_token + 3 L_manifold (bench_align_loss.py) at the op shapes: eager / compiled /
+    fused."""
+    import bench_align_loss as bal
+
+    torch.manual_seed(0)
+    x, y = bal.make_inputs((mode.op_batch, mode.tokens, mode.dim), mode.device, mode.dtype, mode.y_dtype)
+    impls = bal.implementations(False, False, mode.compile_backend)
+    agreement = bal.check_agreement(impls, x, y, 3.0)
+    timings = {name: bal.measure(fn, x, y, 3.0, QUANTILES, bench=op_bench(mode)) for name, fn in impls.items()}
+    return timing_rows("align_loss", timings, bal.floor_us(x, y), agreement, token_shape(mode),
+                       bal.launches(impls, x, y, 3.0))
 
 
 def token_gram_rows(mode: Mode) -> list[dict]:
@@ -224,9 +234,9 @@ def token_gram_rows(mode: Mode) -> list[dict]:
     x, y = bal.make_inputs((mode.op_batch, mode.tokens, mode.dim), mode.device, mode.dtype, mode.y_dtype)
     impls = btg.implementations(mode.compile_backend)
     agreement = btg.check_agreement(impls, x, y)
-    floors = {p: f["floor_us"] for p, f in btg.floor_us(x, y).items()}
     timings = {name: btg.measure(fn, x, y, QUANTILES, bench=op_bench(mode)) for name, fn in impls.items()}
-    return timing_rows("token_gram", timings, floors, agreement, token_shape(mode), btg.launches(impls, x, y))
+    return timing_rows("token_gram", timings, btg.floor_us(x, y), agreement, token_shape(mode),
+                       btg.launches(impls, x, y))
 
 
 def align_branch_rows(mode: Mode) -> list[dict]:
@@ -238,10 +248,10 @@ def align_branch_rows(mode: Mode) -> list[dict]:
                                     mode.device, mode.dtype, mode.y_dtype)
     impls = bab.implementations(head, compile_backend=mode.compile_backend)
     agreement = bab.check_agreement(impls, head, feat, y)
-    floors = {p: f["floor_us"] for p, f in bab.floor_us(head, feat, y).items()}
     timings = {name: bab.measure(fn, head, feat, y, QUANTILES, bench=op_bench(mode)) for name, fn in impls.items()}
     shape = f"{head_shape(mode)}, y {str(mode.y_dtype).removeprefix('torch.')}, L_token + 3 L_manifold"
-    return timing_rows("align_branch", timings, floors, agreement, shape, bab.launches(impls, head, feat, y))
+    return timing_rows("align_branch", timings, bab.floor_us(head, feat, y), agreement, shape,
+                       bab.launches(impls, head, feat, y))
 
 
 # --- part 2: the REPA overhead of a step ---------------------------------------------------------------------
@@ -263,8 +273,6 @@ def random_batch(config, model, device: torch.device, dtype: torch.dtype, genera
 
 
 def overhead_rows(mode: Mode) -> list[dict]:
-    import torch.nn.functional as F
-
     from repa_fast.losses import SD15Loss
     from repa_fast.models import build_aligned_unet
     from repa_fast.train import DTYPES, step_generator
@@ -276,30 +284,26 @@ def overhead_rows(mode: Mode) -> list[dict]:
         model = build_aligned_unet(config, dtype)
     latent, dino, ehs = random_batch(config, model, device, dtype, torch.Generator(device).manual_seed(0))
     criterion = SD15Loss.from_config(config)
+    # lambda 0: the U-Net alone (the heads do not run), with the same times, noise and denoising loss
+    no_alignment = SD15Loss.from_config(dataclasses.replace(config, align_coeff=0.0))
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
                                   weight_decay=config.weight_decay)
     counter = itertools.count(1)
 
-    def step(align: bool):
+    def step(loss_fn):
         gen = step_generator(config.seed, 0, next(counter), device)
-        if align:
-            loss = criterion(model, latent, dino, ehs, generator=gen)["loss"]
-        else:  # SD15Loss without the alignment terms: the same times, noise and denoising loss
-            t = criterion.sample_time(latent.shape[0], device, gen)
-            noise = torch.randn(latent.shape, generator=gen, device=device, dtype=torch.float32)
-            x_t, target, unet_t = criterion.interpolate(latent, noise, t)
-            loss = F.mse_loss(model(x_t.to(dtype), unet_t, ehs, keep_features=False).float(), target)
+        loss = loss_fn(model, latent, dino, ehs, generator=gen)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    settings = {"no alignment": None, "kernels=torch": "torch", "kernels=triton": "triton"}
+    settings = {"no alignment": (no_alignment, "torch"), "kernels=torch": (criterion, "torch"),
+                "kernels=triton": (criterion, "triton")}
     results = {}
-    for name, kernels in settings.items():
-        if kernels is not None:
-            model.set_kernels(kernels)
-        results[name] = time_steps(lambda k=kernels: step(k is not None), mode.warmup, mode.steps, device)
+    for name, (loss_fn, kernels) in settings.items():
+        model.set_kernels(kernels)
+        results[name] = time_steps(functools.partial(step, loss_fn), mode.warmup, mode.steps, device)
     base = results["no alignment"]["median_ms"]
     what = (f"{config.model} U-Net, LoRA r{config.lora_rank} {config.lora_targets}, B={config.batch_size}, "
             f"{config.mixed_precision}, align {','.join(config.align_layers)}")
@@ -311,14 +315,14 @@ def overhead_rows(mode: Mode) -> list[dict]:
 
 # --- part 3: the whole step, reference vs fast -----------------------------------------------------------------
 
-def run_whole_steps(mode: Mode, config, rank: int, world: int) -> dict:
+def run_whole_steps(mode: Mode, config) -> dict:
     """The launcher's own set-up and step (repa_fast.train.setup, self-checks included, and train_step),
     timed over one epoch of the cache."""
     from repa_fast.data.loader import build_loader
     from repa_fast.train import setup, train_step
 
-    run = setup(config, argparse.Namespace(ds_config=config.ds_config), compile_backend=mode.compile_backend)
-    loader = build_loader(config, run.dataset, rank=rank, world=world, device=run.device, dtype=run.dtype)
+    run = setup(config, argparse.Namespace(ds_config=None), compile_backend=mode.compile_backend)
+    loader = build_loader(config, run.dataset, rank=run.rank, world=run.world, device=run.device, dtype=run.dtype)
     batches, counter = iter(loader), itertools.count(1)
 
     def step():
@@ -331,6 +335,7 @@ def run_whole_steps(mode: Mode, config, rank: int, world: int) -> dict:
         loader.close()
         run.engine.destroy()
     result["samples_per_s"] = config.batch_size * 1e3 / result["median_ms"]
+    result["world"] = run.world
     result["settings"] = {"kernels": config.kernels, "compile": config.compile,
                           "compile_backend": mode.compile_backend if config.compile != "none" else None,
                           "ds_config": config.ds_config,
@@ -343,11 +348,9 @@ def run_whole_steps(mode: Mode, config, rank: int, world: int) -> dict:
 def step_rows(mode: Mode) -> list[dict]:
     from repa_fast.data.synthetic import write_synthetic_caches
     from repa_fast.models.unet import SD15_UNET, TINY_UNET
-    from repa_fast.train import init_distributed
 
     base = load_step_config(mode)
     unet = {"sd15": SD15_UNET, "tiny": TINY_UNET}[base.model]
-    rank, world, _ = init_distributed()
     results = {}
     with tempfile.TemporaryDirectory(prefix="gpu_report_cache_") as tmp:
         # one epoch holds every step: the reference loader restarts its workers at each epoch
@@ -360,12 +363,12 @@ def step_rows(mode: Mode) -> list[dict]:
         for name, overrides in STEP_PATHS.items():
             if not mode.compile_step:
                 overrides = tuple("compile=none" if o.startswith("compile=") else o for o in overrides)
-            results[name] = run_whole_steps(mode, load_step_config(mode, *data, *overrides), rank, world)
+            results[name] = run_whole_steps(mode, load_step_config(mode, *data, *overrides))
             torch._dynamo.reset()
             free_memory()  # the engine, model and loader of this path, before the next one
     ref = results["reference"]["median_ms"]
     what = (f"{base.model} U-Net, LoRA r{base.lora_rank} {base.lora_targets}, B={base.batch_size}, "
-            f"{base.mixed_precision}, align {','.join(base.align_layers)}, world {world}")
+            f"{base.mixed_precision}, align {','.join(base.align_layers)}, world {results['reference']['world']}")
     return [{"part": "step", "item": "whole step", "impl": name, "pass": "step", **r, "floor_ms": None,
              "vs": None if name == "reference" else "reference",
              "ratio": None if name == "reference" else ref / r["median_ms"], "shape": what}
@@ -397,6 +400,21 @@ def software() -> str:
         except md.PackageNotFoundError:
             parts.append(f"{name} absent")
     return ", ".join(parts)
+
+
+def code_version() -> str:
+    """The git commit of the tree this runs from (noting uncommitted changes to tracked files), or "unknown"
+    where the tree has no .git (a copy, as on the lent GPU machine)."""
+    if not (ROOT / ".git").exists():
+        return "unknown"
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" with uncommitted changes" if changed else "")
 
 
 def fmt_time(ms: float | None, part: str) -> str:
@@ -435,6 +453,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"- machine: {meta['machine']}",
         f"- software: {meta['software']}",
         f"- command: `{meta['command']}`",
+        f"- code: {meta['code']}",
         f"- mode: {meta['mode']}" + (" (a check that the code paths run, NOT figures)" if tiny else ""),
         f"- timing: {meta['timing']}",
         f"- wall time of the parts: {meta['parts']}",
@@ -467,10 +486,10 @@ def notes(mode: Mode) -> list[str]:
         "difference of the output and gradients from eager's.",
         "overhead rows: a plain torch step (eager U-Net, AdamW on the trainable parameters in the training "
         "dtype, one fixed batch); compared is (step - step without alignment) / step without alignment.",
-        "step rows: repa_fast.train's step on one rank through DeepSpeed (without its per-step all-reduces of "
-        "the loss), batches from synthetic LMDB caches of the step config's shapes holding one epoch for all "
-        "the steps; peak MiB is the process's peak allocation during the timed steps; compared is the "
-        "reference time over this time.",
+        "step rows: repa_fast.train.train_step on one rank through DeepSpeed (its one all-reduce, of the "
+        "non-finite flag, included; logging, eval and checkpoints left out), batches from synthetic LMDB "
+        "caches of the step config's shapes holding one epoch for all the steps; peak MiB is the process's peak "
+        "allocation during the timed steps; compared is the reference time over this time.",
         "both paths use the torch loader: the DALI wheel (~200 MB) cannot travel to the GPU machine; DALI's CPU "
         "figures are in benchmarks/results/loader_cpu.md.",
     ]
@@ -525,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
               f"ops: time.perf_counter, {mode.cpu_runs} call(s) after one untimed") + \
              f"; steps: {mode.warmup} untimed + {mode.steps} timed steps, each synchronised (median, 20/80 %)"
     meta = {"date": stamp, "machine": machine(mode.device), "software": software(), "command": command,
-            "mode": mode.name, "timing": timing, "notes": notes(mode)}
-    common = {"gpu": meta["machine"], "date": stamp, "command": command, "mode": mode.name,
+            "code": code_version(), "mode": mode.name, "timing": timing, "notes": notes(mode)}
+    common = {"gpu": meta["machine"], "date": stamp, "command": command, "code": meta["code"], "mode": mode.name,
               "software": meta["software"]}
     builders = {"op": op_rows, "overhead": overhead_rows, "step": step_rows}
     rows, failed, seconds = [], [], {}

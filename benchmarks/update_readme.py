@@ -4,10 +4,12 @@
 
 Reads every ``*.md`` under RESULTS_DIR (subfolders too) written in the form of the benchmark scripts
 (bench_loader.py, gpu_report.py): a ``# title``, ``- date:``, ``- machine:`` and ``- command:`` lines and a
-table. Keeps the latest (by date) of each title and writes it, with its date, machine and command, between
+table. Keeps the latest (by date) of each title and writes it, with its date, machine, software, command and
+(where the file names it: gpu_report.py's ``- code:``) the code it measured, between
 ``<!-- performance:start -->`` and ``<!-- performance:end -->`` in the README; nothing else in the README
-changes. Reports written by ``gpu_report.py --tiny`` are skipped (they check code paths, they are not
-figures); while no GPU report is found, the section says that the GPU figures are not measured yet.
+changes. A table with FAILED rows (a part of gpu_report.py that failed) gets a line naming those parts.
+Reports written by ``gpu_report.py --tiny`` are skipped (they check code paths, they are not figures);
+while no GPU report is found, the section says that the GPU figures are not measured yet.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 GPU_REPORT = "gpu_report.md"  # the file name gpu_report.py writes
-HEADER_KEYS = ("date", "machine", "software", "command")
+HEADER_KEYS = ("date", "machine", "software", "command", "code")
 WIDTH = 100  # the README's line width
 
 
@@ -38,6 +40,12 @@ class Result:
     @property
     def is_gpu(self) -> bool:
         return self.path.name == GPU_REPORT
+
+    @property
+    def failed_parts(self) -> list[str]:
+        """The parts whose table row says FAILED (gpu_report.py: ``| part | FAILED | ...``), in table order."""
+        cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in self.table]
+        return list(dict.fromkeys(c[0] for c in cells if len(c) > 1 and c[1] == "FAILED"))
 
 
 def parse_date(text: str) -> datetime.datetime:
@@ -101,6 +109,8 @@ def render(results: list[Result], readme_dir: Path) -> str:
         link = Path(os.path.relpath(r.path, readme_dir)).as_posix()
         lines += [f"### {r.title}", ""]
         lines += [f"- {key}: {r.fields[key]}" for key in HEADER_KEYS if key in r.fields]
+        if r.failed_parts:
+            lines.append(f"- failed in this run, no figures: {', '.join(r.failed_parts)}")
         lines += [f"- source: [{link}]({link})", "", *r.table, ""]
         if r.summary:
             lines += [*r.summary, ""]

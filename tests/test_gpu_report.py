@@ -179,3 +179,24 @@ def test_update_readme_refuses_a_readme_without_markers(tmp_path):
     r = run_update(results, readme)
     assert r.returncode != 0 and "performance:end" in r.stderr
     assert readme.read_text() == broken
+
+
+def test_update_readme_names_the_code_and_the_failed_parts(tmp_path):
+    results = tmp_path / "results"
+    (results / "gpu").mkdir(parents=True)
+    report = gpu_markdown("2026-12-02T10:00:00+00:00", "full", "11.1 us")
+    (results / "gpu" / "gpu_report.md").write_text(report)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert run_update(results, readme).returncode == 0
+    section = readme.read_text().split(START)[1].split(END)[0]
+    assert "- code:" not in section and "failed in this run" not in section  # the report says neither
+
+    (results / "gpu" / "gpu_report.md").write_text(
+        report.replace("- mode: full", "- code: 0123abc\n- mode: full")
+        .replace("| op | align_loss | fused | full | 11.1 us |",
+                 "| op | FAILED | | | | RuntimeError: x |\n| step | whole step | fast | step | 9.9 ms |"))
+    assert run_update(results, readme).returncode == 0
+    section = readme.read_text().split(START)[1].split(END)[0]
+    assert "\n- code: 0123abc\n" in section
+    assert "\n- failed in this run, no figures: op\n" in section
