@@ -198,12 +198,19 @@ class CacheReader:
     def __len__(self) -> int:
         return int(self.meta.get("count", 0))
 
-    def _check(self, key: str, buf) -> None:
+    def record_problem(self, key: str, buf) -> str | None:
+        """Why ``buf`` (what ``txn.get`` gave for ``key``) is not a record of this cache, or None: missing,
+        or not ``nbytes`` long."""
         if buf is None:
-            raise CacheError(f"{self.path}: missing record {key!r}")
+            return f"missing record {key!r}"
         if len(buf) != self.nbytes:
-            raise CacheError(f"{self.path}: record {key!r} has {len(buf)} bytes, expected {self.nbytes} "
-                             f"({self.dtype.name} {list(self.shape)})")
+            return f"record {key!r} has {len(buf)} bytes, expected {self.nbytes} ({self.dtype.name} {list(self.shape)})"
+        return None
+
+    def _check(self, key: str, buf) -> None:
+        problem = self.record_problem(key, buf)
+        if problem is not None:
+            raise CacheError(f"{self.path}: {problem}")
 
     def view(self, txn: lmdb.Transaction, key: str) -> np.ndarray:
         """Record ``key`` as a checked array view of the memory map, valid while ``txn`` (opened with

@@ -88,13 +88,12 @@ class Report:
         return not self.problems and not self.failing_ids
 
 
-def check_record(reader: CacheReader, buf) -> tuple[str | None, np.ndarray | None]:
-    """(why the record is bad: missing, wrong length, non-finite, all zeros; or None, its values as float32)."""
-    if buf is None:
-        return "missing record", None
-    if len(buf) != reader.nbytes:
-        return (f"record has {len(buf)} bytes, expected {reader.nbytes} ({reader.dtype.name} "
-                f"{list(reader.shape)})"), None
+def check_record(reader: CacheReader, key: str, buf) -> tuple[str | None, np.ndarray | None]:
+    """(why record ``key`` is bad: missing, wrong length (``CacheReader.record_problem``), non-finite, all
+    zeros; or None, its values as float32)."""
+    problem = reader.record_problem(key, buf)
+    if problem is not None:
+        return problem, None
     values = np.frombuffer(buf, dtype=reader.dtype).astype(np.float32)
     bad = values.size - int(np.isfinite(values).sum())
     if bad:
@@ -162,7 +161,8 @@ def check_caches(config: Config, progress: bool = True) -> Report:
                 if not 0 <= class_id < NUM_CLASSES:
                     report.flag(sample_id, f"class_id {class_id} is outside [0, {NUM_CLASSES}) (CSV line {line})")
             for label, reader, key_of in caches:
-                problem, values = check_record(reader, txns[id(reader)].get(key_of(sample_id).encode()))
+                key = key_of(sample_id)
+                problem, values = check_record(reader, key, txns[id(reader)].get(key.encode()))
                 if problem is None:
                     stats[label].add(values)
                 else:
