@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from repa_fast.config import Config, load_config
 from repa_fast.data.cache import CacheError, CacheReader, dino_key, load_clip_table
-from repa_fast.data.dataset import NUM_CLASSES, read_csv_rows, read_id_list, write_id_list
+from repa_fast.data.dataset import NUM_CLASSES, class_id_problem, read_csv_rows, read_id_list, write_id_list
 from repa_fast.errors import run_main
 
 PROG = "repa-fast-check-cache"
@@ -153,13 +153,9 @@ def check_caches(config: Config, progress: bool = True) -> Report:
                 report.flag(sample_id, f"id repeats: CSV lines {seen[sample_id]} and {line}")
                 continue
             seen[sample_id] = line
-            try:
-                class_id = int(row["class_id"])
-            except (TypeError, ValueError):
-                report.flag(sample_id, f"class_id {row['class_id']!r} is not an integer (CSV line {line})")
-            else:
-                if not 0 <= class_id < NUM_CLASSES:
-                    report.flag(sample_id, f"class_id {class_id} is outside [0, {NUM_CLASSES}) (CSV line {line})")
+            problem = class_id_problem(row["class_id"], NUM_CLASSES)
+            if problem is not None:
+                report.flag(sample_id, f"{problem} (CSV line {line})")
             for label, reader, key_of in caches:
                 key = key_of(sample_id)
                 problem, values = check_record(reader, key, txns[id(reader)].get(key.encode()))

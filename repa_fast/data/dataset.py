@@ -175,6 +175,20 @@ class Samples:
         return sample_rows(len(self.ids), self.keep)
 
 
+def class_id_problem(text: str | None, num_classes: int = NUM_CLASSES, sample_id: str | None = None) -> str | None:
+    """Why ``text``, a CSV's class_id cell, is not a class id in [0, num_classes), or None; ``sample_id``
+    names the sample in the message of an id out of range."""
+    try:
+        class_id = int(text)
+    except (TypeError, ValueError):
+        return f"class_id {text!r} is not an integer"
+    if 0 <= class_id < num_classes:
+        return None
+    if sample_id is None:
+        return f"class_id {class_id} is outside [0, {num_classes})"
+    return f"sample {sample_id!r} has class_id {class_id}, outside [0, {num_classes})"
+
+
 def read_samples_csv(path: str | os.PathLike, exclude: Iterable[str] = (),
                      num_classes: int = NUM_CLASSES) -> Samples:
     """The samples of a subset CSV with at least the columns ``id`` and ``class_id``, less the ids in
@@ -192,15 +206,11 @@ def read_samples_csv(path: str | os.PathLike, exclude: Iterable[str] = (),
             raise CacheError(f"{path}:{line}: id {sample_id!r} repeats line {seen[sample_id]}; ids must be unique "
                              f"(repa-fast-check-cache --write-exclude lists such ids for exclude_ids_path)")
         seen[sample_id] = line
-        try:
-            class_id = int(row["class_id"])
-        except (TypeError, ValueError):
-            raise CacheError(f"{path}:{line}: class_id {row['class_id']!r} is not an integer") from None
-        if not 0 <= class_id < num_classes:
-            raise CacheError(f"{path}:{line}: sample {sample_id!r} has class_id {class_id}, outside "
-                             f"[0, {num_classes})")
+        problem = class_id_problem(row["class_id"], num_classes, sample_id)
+        if problem is not None:
+            raise CacheError(f"{path}:{line}: {problem}")
         ids.append(sample_id)
-        classes.append(class_id)
+        classes.append(int(row["class_id"]))
     if not ids:
         raise CacheError(f"{path}: no samples left after excluding {len(excluded)} id(s)")
     mask = np.asarray(keep, dtype=bool)
