@@ -155,10 +155,14 @@ class CacheWriter:
 
 
 class CacheReader:
-    """Reads records as tensors; checks ``__meta__`` against ``shape`` / ``dtype`` / ``layers`` if given."""
+    """Reads records as tensors; checks ``__meta__`` against ``shape`` / ``dtype`` / ``layers`` if given.
+
+    ``shape_from``: where ``shape`` comes from (e.g. ``"config keys dino_N x dino_D"``), added to the
+    message of a shape that disagrees.
+    """
 
     def __init__(self, path: str | os.PathLike, shape: Iterable[int] | None = None, dtype: str | None = None,
-                 layers: Iterable[str] | None = None, kind: str | None = None):
+                 layers: Iterable[str] | None = None, kind: str | None = None, shape_from: str | None = None):
         self.path = Path(path)
         if not self.path.exists():
             raise CacheError(f"cache {str(self.path)!r} does not exist")
@@ -178,7 +182,8 @@ class CacheReader:
         if self.meta.get("format", FORMAT) != FORMAT:
             raise CacheError(f"{self.path}: '__meta__' format is {self.meta.get('format')!r}, expected {FORMAT!r}")
         if shape is not None and tuple(shape) != self.shape:
-            raise CacheError(f"{self.path}: '__meta__' shape is {list(self.shape)}, expected {list(shape)}")
+            hint = f" ({shape_from})" if shape_from else ""
+            raise CacheError(f"{self.path}: '__meta__' shape is {list(self.shape)}, expected {list(shape)}{hint}")
         if dtype is not None and np.dtype(dtype) != np.dtype(self.meta["dtype"]):
             raise CacheError(f"{self.path}: '__meta__' dtype is {self.meta['dtype']}, expected {dtype}")
         if kind is not None and self.meta.get("kind", kind) != kind:

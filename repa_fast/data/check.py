@@ -30,7 +30,14 @@ from tqdm import tqdm
 
 from repa_fast.config import Config, load_config
 from repa_fast.data.cache import CacheError, CacheReader, dino_key, load_clip_table
-from repa_fast.data.dataset import NUM_CLASSES, class_id_problem, read_csv_rows, read_id_list, write_id_list
+from repa_fast.data.dataset import (
+    NUM_CLASSES,
+    TOKEN_SHAPE_KEYS,
+    class_id_problem,
+    read_csv_rows,
+    read_id_list,
+    write_id_list,
+)
 from repa_fast.errors import run_main
 
 PROG = "repa-fast-check-cache"
@@ -136,7 +143,8 @@ def check_caches(config: Config, progress: bool = True) -> Report:
             report.stats["clip table"] = {**stats.summary(), "shape": list(table.shape)}
 
     latents = _open(report, "latents", config.latent_dir)
-    dino = _open(report, "dino", config.dino_dir, shape=(config.dino_N, config.dino_D), layers=config.align_layers)
+    dino = _open(report, "dino", config.dino_dir, shape=(config.dino_N, config.dino_D), layers=config.align_layers,
+                 shape_from=TOKEN_SHAPE_KEYS)
     caches = []  # (label, reader, key of an id)
     if latents is not None:
         caches.append(("latents", latents, lambda sample_id: sample_id))
