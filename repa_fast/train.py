@@ -608,8 +608,9 @@ def check_inputs(config: Config, args: argparse.Namespace) -> None:
     against the samples, the CLIP table, the checkpoint to resume. A problem is a ``RunError`` naming it."""
     from repa_fast.data.cache import load_clip_table
     from repa_fast.data.dataset import build_dataset
+    from repa_fast.errors import world_size  # a module-level name would clash with build_ds_config's argument
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = world_size()
     check_switches(config)
     ds_name = args.ds_config or config.ds_config
     ds_config = build_ds_config(config, ds_name, world)
