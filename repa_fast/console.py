@@ -27,6 +27,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from repa_fast.errors import world_size
+
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CONSOLE_FORMAT = "%(asctime)s %(name)s: %(message)s"
 # Libraries that attach their own stderr handler when first imported; importing their logging module
@@ -99,8 +101,7 @@ class Console:
     """The process's console set-up (see the module docstring); ``close`` restores what it changed."""
 
     def __init__(self, log_path: str | os.PathLike | None, verbose: bool = False):
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        self.rank_tag = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+        self.rank_tag = f"[rank {os.environ.get('RANK', '0')}] " if world_size() > 1 else ""
         self.verbose = verbose
         self.stdout, self.stderr = sys.stdout, sys.stderr
         self.log_path = Path(log_path) if log_path is not None else None

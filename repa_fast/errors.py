@@ -62,9 +62,14 @@ def read_json(path: str | os.PathLike, remedy: str) -> dict:
     return value
 
 
+def world_size() -> int:
+    """The number of processes in the run: the launcher's ``WORLD_SIZE``, 1 when unset or empty."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def rank_prefix() -> str:
     """``"rank R: "`` in a multi-process run (the launcher's ``RANK`` / ``WORLD_SIZE``), else ``""``."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if world_size() > 1:
         return f"rank {os.environ.get('RANK', '?')}: "
     return ""
 
@@ -83,10 +88,12 @@ def one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
 
 
-def peer_lost(err: BaseException) -> bool:
-    """True for the error of a collective whose peer process has ended, in a multi-process run."""
-    multi = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-    return multi and isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_LOST)
+def peer_lost(err: BaseException) -> str | None:
+    """For the error of a collective whose peer process has ended, in a multi-process run, the words that
+    say so (one of ``_PEER_LOST``); else None."""
+    if world_size() <= 1 or not isinstance(err, RuntimeError):
+        return None
+    return next((s for s in _PEER_LOST if s in str(err)), None)
 
 
 def fail(prog: str, message: str) -> NoReturn:
@@ -113,7 +120,7 @@ def run_main(prog: str, fn: Callable[..., T], *args: Any, expected: tuple[type[B
     except (RunError, *expected) as err:
         fail(prog, one_line(err))
     except Exception as err:
-        if not peer_lost(err):
+        reason = peer_lost(err)
+        if reason is None:
             raise
-        reason = next((s for s in _PEER_LOST if s in str(err)), type(err).__name__)
         fail(prog, f"stopped: another rank left the run ({reason}); that rank's own line says why")

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from repa_fast.config import Config, ConfigError, load_config
-from repa_fast.errors import MissingFileError, NonFiniteError
+from repa_fast.errors import MissingFileError, NonFiniteError, one_line
 
 logger = logging.getLogger("repa_fast.train")
 
@@ -50,7 +50,7 @@ LOSS_KEYS = ("loss", "loss_diff", "loss_token", "loss_manifold", "loss_align")
 
 # --- DeepSpeed config ----------------------------------------------------------------------------------
 
-def resolve_ds_config_path(name: str | None) -> Path:
+def resolve_ds_config_path(name: str | os.PathLike | None) -> Path:
     """A path, or a bare name (``zero3``, ``zero2_deepcompile.json``) looked up in ds_configs/."""
     name = name or "zero2"
     candidates = [Path(name), DS_CONFIG_DIR / name, DS_CONFIG_DIR / f"{name}.json"]
@@ -71,11 +71,12 @@ def _fill(section: dict, key: str, want, where: str) -> None:
                           f"set it to \"auto\" or make them agree")
 
 
-def build_ds_config(config: Config, path: str | None, world_size: int) -> dict:
+def build_ds_config(config: Config, path: str | os.PathLike | None, world_size: int) -> dict:
     """The DeepSpeed config dict: the JSON with batch, clipping and precision filled from the YAML.
 
     The launcher builds the optimizer and schedule from the YAML; a JSON ``optimizer`` or
     ``scheduler`` block must agree with it (lr, weight decay, steps) and is then left to the launcher.
+    ``path``: a name or path for ``resolve_ds_config_path`` (a path it found is taken as it is).
     """
     ds_path = resolve_ds_config_path(path)
     try:
@@ -598,7 +599,7 @@ def check_deepspeed_config(ds_config: dict, where: str) -> None:
                                for e in err.errors())
             detail = f"{getattr(err, 'title', '')}: {detail}"
         else:
-            detail = " ".join(str(err).split()) or type(err).__name__
+            detail = one_line(err)
         raise ConfigError(f"{where}: DeepSpeed rejects it: {detail}") from None
 
 
@@ -608,11 +609,12 @@ def check_inputs(config: Config, args: argparse.Namespace) -> None:
     against the samples, the CLIP table, the checkpoint to resume. A problem is a ``RunError`` naming it."""
     from repa_fast.data.cache import load_clip_table
     from repa_fast.data.dataset import build_dataset
+    from repa_fast.errors import world_size  # a module-level name would clash with build_ds_config's argument
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = world_size()
     check_switches(config)
-    ds_name = args.ds_config or config.ds_config
-    ds_config = build_ds_config(config, ds_name, world)
+    ds_path = resolve_ds_config_path(args.ds_config or config.ds_config)
+    ds_config = build_ds_config(config, ds_path, world)
     dataset = build_dataset(config)
     per_rank = -(-len(dataset) // world)
     if config.batch_size > per_rank:
@@ -625,7 +627,7 @@ def check_inputs(config: Config, args: argparse.Namespace) -> None:
     load_clip_table(config.clip_embeddings_path, num_rows=num_rows, mmap=True)
     if args.resume:
         check_resume(args.resume, Path(config.output_dir) / "checkpoints")
-    check_deepspeed_config(ds_config, str(resolve_ds_config_path(ds_name)))
+    check_deepspeed_config(ds_config, str(ds_path))
     from repa_fast.models.unet import unet_config
 
     dim = unet_config(config.model)["cross_attention_dim"]

@@ -13,6 +13,7 @@ from repa_fast.data.dataset import (
     build_torch_loader,
     epoch_permutation,
     rank_indices,
+    read_samples_csv,
     steps_per_epoch,
     uniform_hash,
 )
@@ -185,14 +186,11 @@ def test_synthetic_cli(tmp_path, capsys):
 
 def read_synthetic(paths, layers):
     """(latents [S,C,H,W] fp32, tokens {layer: [S,N,D] fp32}, class ids [S]) in CSV order."""
-    import csv
-
-    with open(paths["csv_path"], encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    samples = read_samples_csv(paths["csv_path"])
     latent_cache, dino_cache = CacheReader(paths["latent_dir"]), CacheReader(paths["dino_dir"])
-    latents = torch.stack([latent_cache.get(r["id"]).float() for r in rows])
-    tokens = {layer: torch.stack([dino_cache.get(dino_key(r["id"], layer)).float() for r in rows]) for layer in layers}
-    return latents, tokens, torch.tensor([int(r["class_id"]) for r in rows])
+    latents = torch.stack([latent_cache.get(i).float() for i in samples.ids])
+    tokens = {layer: torch.stack([dino_cache.get(dino_key(i, layer)).float() for i in samples.ids]) for layer in layers}
+    return latents, tokens, torch.from_numpy(samples.class_ids)
 
 
 def test_synthetic_tokens_are_the_documented_function_of_latent_and_class(caches):
@@ -219,7 +217,7 @@ def test_synthetic_tokens_are_the_documented_function_of_latent_and_class(caches
 
 
 def test_a_head_learns_the_synthetic_tokens_in_a_few_steps(tmp_path):
-    """The data are learnable: a small head on (latent, class) reaches the tokens; random ones it could not."""
+    """The data are learnable: a small head on (latent, class) reaches the tokens."""
     import torch.nn.functional as F
 
     from repa_fast.losses import token_loss

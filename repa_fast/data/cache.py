@@ -155,10 +155,14 @@ class CacheWriter:
 
 
 class CacheReader:
-    """Reads records as tensors; checks ``__meta__`` against ``shape`` / ``dtype`` / ``layers`` if given."""
+    """Reads records as tensors; checks ``__meta__`` against ``shape`` / ``dtype`` / ``layers`` if given.
+
+    ``shape_from``: where ``shape`` comes from (e.g. ``"config keys dino_N x dino_D"``), added to the
+    message of a shape that disagrees.
+    """
 
     def __init__(self, path: str | os.PathLike, shape: Iterable[int] | None = None, dtype: str | None = None,
-                 layers: Iterable[str] | None = None, kind: str | None = None):
+                 layers: Iterable[str] | None = None, kind: str | None = None, shape_from: str | None = None):
         self.path = Path(path)
         if not self.path.exists():
             raise CacheError(f"cache {str(self.path)!r} does not exist")
@@ -178,7 +182,8 @@ class CacheReader:
         if self.meta.get("format", FORMAT) != FORMAT:
             raise CacheError(f"{self.path}: '__meta__' format is {self.meta.get('format')!r}, expected {FORMAT!r}")
         if shape is not None and tuple(shape) != self.shape:
-            raise CacheError(f"{self.path}: '__meta__' shape is {list(self.shape)}, expected {list(shape)}")
+            hint = f" ({shape_from})" if shape_from else ""
+            raise CacheError(f"{self.path}: '__meta__' shape is {list(self.shape)}, expected {list(shape)}{hint}")
         if dtype is not None and np.dtype(dtype) != np.dtype(self.meta["dtype"]):
             raise CacheError(f"{self.path}: '__meta__' dtype is {self.meta['dtype']}, expected {dtype}")
         if kind is not None and self.meta.get("kind", kind) != kind:
@@ -198,12 +203,19 @@ class CacheReader:
     def __len__(self) -> int:
         return int(self.meta.get("count", 0))
 
-    def _check(self, key: str, buf) -> None:
+    def record_problem(self, key: str, buf) -> str | None:
+        """Why ``buf`` (what ``txn.get`` gave for ``key``) is not a record of this cache, or None: missing,
+        or not ``nbytes`` long."""
         if buf is None:
-            raise CacheError(f"{self.path}: missing record {key!r}")
+            return f"missing record {key!r}"
         if len(buf) != self.nbytes:
-            raise CacheError(f"{self.path}: record {key!r} has {len(buf)} bytes, expected {self.nbytes} "
-                             f"({self.dtype.name} {list(self.shape)})")
+            return f"record {key!r} has {len(buf)} bytes, expected {self.nbytes} ({self.dtype.name} {list(self.shape)})"
+        return None
+
+    def _check(self, key: str, buf) -> None:
+        problem = self.record_problem(key, buf)
+        if problem is not None:
+            raise CacheError(f"{self.path}: {problem}")
 
     def view(self, txn: lmdb.Transaction, key: str) -> np.ndarray:
         """Record ``key`` as a checked array view of the memory map, valid while ``txn`` (opened with

@@ -30,7 +30,14 @@ from tqdm import tqdm
 
 from repa_fast.config import Config, load_config
 from repa_fast.data.cache import CacheError, CacheReader, dino_key, load_clip_table
-from repa_fast.data.dataset import NUM_CLASSES, read_csv_rows, read_id_list, write_id_list
+from repa_fast.data.dataset import (
+    NUM_CLASSES,
+    TOKEN_SHAPE_KEYS,
+    class_id_problem,
+    read_csv_rows,
+    read_id_list,
+    write_id_list,
+)
 from repa_fast.errors import run_main
 
 PROG = "repa-fast-check-cache"
@@ -88,13 +95,12 @@ class Report:
         return not self.problems and not self.failing_ids
 
 
-def check_record(reader: CacheReader, buf) -> tuple[str | None, np.ndarray | None]:
-    """(why the record is bad: missing, wrong length, non-finite, all zeros; or None, its values as float32)."""
-    if buf is None:
-        return "missing record", None
-    if len(buf) != reader.nbytes:
-        return (f"record has {len(buf)} bytes, expected {reader.nbytes} ({reader.dtype.name} "
-                f"{list(reader.shape)})"), None
+def check_record(reader: CacheReader, key: str, buf) -> tuple[str | None, np.ndarray | None]:
+    """(why record ``key`` is bad: missing, wrong length (``CacheReader.record_problem``), non-finite, all
+    zeros; or None, its values as float32)."""
+    problem = reader.record_problem(key, buf)
+    if problem is not None:
+        return problem, None
     values = np.frombuffer(buf, dtype=reader.dtype).astype(np.float32)
     bad = values.size - int(np.isfinite(values).sum())
     if bad:
@@ -137,7 +143,8 @@ def check_caches(config: Config, progress: bool = True) -> Report:
             report.stats["clip table"] = {**stats.summary(), "shape": list(table.shape)}
 
     latents = _open(report, "latents", config.latent_dir)
-    dino = _open(report, "dino", config.dino_dir, shape=(config.dino_N, config.dino_D), layers=config.align_layers)
+    dino = _open(report, "dino", config.dino_dir, shape=(config.dino_N, config.dino_D), layers=config.align_layers,
+                 shape_from=TOKEN_SHAPE_KEYS)
     caches = []  # (label, reader, key of an id)
     if latents is not None:
         caches.append(("latents", latents, lambda sample_id: sample_id))
@@ -154,15 +161,12 @@ def check_caches(config: Config, progress: bool = True) -> Report:
                 report.flag(sample_id, f"id repeats: CSV lines {seen[sample_id]} and {line}")
                 continue
             seen[sample_id] = line
-            try:
-                class_id = int(row["class_id"])
-            except (TypeError, ValueError):
-                report.flag(sample_id, f"class_id {row['class_id']!r} is not an integer (CSV line {line})")
-            else:
-                if not 0 <= class_id < NUM_CLASSES:
-                    report.flag(sample_id, f"class_id {class_id} is outside [0, {NUM_CLASSES}) (CSV line {line})")
+            problem = class_id_problem(row["class_id"], NUM_CLASSES)
+            if problem is not None:
+                report.flag(sample_id, f"{problem} (CSV line {line})")
             for label, reader, key_of in caches:
-                problem, values = check_record(reader, txns[id(reader)].get(key_of(sample_id).encode()))
+                key = key_of(sample_id)
+                problem, values = check_record(reader, key, txns[id(reader)].get(key.encode()))
                 if problem is None:
                     stats[label].add(values)
                 else:

@@ -27,6 +27,7 @@ from repa_fast.data.cache import CacheError, CacheReader, dino_key, load_clip_ta
 from repa_fast.errors import MissingFileError
 
 NUM_CLASSES = 1000  # class ids 0..999; id 1000 is the null class (CFG dropout), row 1000 of the CLIP table
+TOKEN_SHAPE_KEYS = "config keys dino_N x dino_D"  # where a run's DINO token shape comes from
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -175,6 +176,20 @@ class Samples:
         return sample_rows(len(self.ids), self.keep)
 
 
+def class_id_problem(text: str | None, num_classes: int = NUM_CLASSES, sample_id: str | None = None) -> str | None:
+    """Why ``text``, a CSV's class_id cell, is not a class id in [0, num_classes), or None; ``sample_id``
+    names the sample in the message of an id out of range."""
+    try:
+        class_id = int(text)
+    except (TypeError, ValueError):
+        return f"class_id {text!r} is not an integer"
+    if 0 <= class_id < num_classes:
+        return None
+    if sample_id is None:
+        return f"class_id {class_id} is outside [0, {num_classes})"
+    return f"sample {sample_id!r} has class_id {class_id}, outside [0, {num_classes})"
+
+
 def read_samples_csv(path: str | os.PathLike, exclude: Iterable[str] = (),
                      num_classes: int = NUM_CLASSES) -> Samples:
     """The samples of a subset CSV with at least the columns ``id`` and ``class_id``, less the ids in
@@ -192,15 +207,11 @@ def read_samples_csv(path: str | os.PathLike, exclude: Iterable[str] = (),
             raise CacheError(f"{path}:{line}: id {sample_id!r} repeats line {seen[sample_id]}; ids must be unique "
                              f"(repa-fast-check-cache --write-exclude lists such ids for exclude_ids_path)")
         seen[sample_id] = line
-        try:
-            class_id = int(row["class_id"])
-        except (TypeError, ValueError):
-            raise CacheError(f"{path}:{line}: class_id {row['class_id']!r} is not an integer") from None
-        if not 0 <= class_id < num_classes:
-            raise CacheError(f"{path}:{line}: sample {sample_id!r} has class_id {class_id}, outside "
-                             f"[0, {num_classes})")
+        problem = class_id_problem(row["class_id"], num_classes, sample_id)
+        if problem is not None:
+            raise CacheError(f"{path}:{line}: {problem}")
         ids.append(sample_id)
-        classes.append(class_id)
+        classes.append(int(row["class_id"]))
     if not ids:
         raise CacheError(f"{path}: no samples left after excluding {len(excluded)} id(s)")
     mask = np.asarray(keep, dtype=bool)
@@ -214,13 +225,15 @@ class SD15AlignedDataset(Dataset):
 
     Indexed by ``(epoch, index)`` (what ``EpochSampler`` yields) or by a plain index, which uses
     ``self.epoch``; ``index`` counts the kept samples. ``exclude_ids``: ids to leave out (see the module
-    docstring for what the others keep).
+    docstring for what the others keep). ``token_shape_from``: where ``token_shape`` comes from, for the
+    message of a DINO cache whose shape disagrees.
     """
 
     def __init__(self, csv_path, latent_dir, dino_dir, clip_embeddings_path=None, align_layers=("mid",),
                  cfg_dropout: float = 0.1, seed: int = 42, return_encoder_hidden_states: bool = False,
                  num_classes: int = NUM_CLASSES, token_shape: tuple[int, int] | None = None,
-                 latent_shape: tuple[int, ...] | None = None, exclude_ids: Iterable[str] = ()):
+                 latent_shape: tuple[int, ...] | None = None, exclude_ids: Iterable[str] = (),
+                 token_shape_from: str | None = None):
         samples = read_samples_csv(csv_path, exclude_ids, num_classes)
         self.ids, self.class_ids, self.keep, self.excluded = (samples.ids, samples.class_ids, samples.keep,
                                                               samples.excluded)
@@ -229,7 +242,7 @@ class SD15AlignedDataset(Dataset):
         self.null_class = num_classes
         self.align_layers = list(align_layers)
         self.latents = CacheReader(latent_dir, shape=latent_shape)
-        self.dino = CacheReader(dino_dir, shape=token_shape, layers=self.align_layers)
+        self.dino = CacheReader(dino_dir, shape=token_shape, layers=self.align_layers, shape_from=token_shape_from)
         self.cfg_dropout, self.seed, self.epoch = cfg_dropout, seed, 0
         self.clip_table = None
         if return_encoder_hidden_states:
@@ -269,16 +282,10 @@ def build_dataset(config, return_encoder_hidden_states: bool = False, csv_path=N
     """The dataset a ``Config`` describes (``csv_path`` replaces the config's, e.g. for a held-out list);
     the ids of ``exclude_ids_path`` are left out of either."""
     exclude = read_id_list(config.exclude_ids_path) if config.exclude_ids_path else ()
-    try:
-        return SD15AlignedDataset(csv_path or config.csv_path, config.latent_dir, config.dino_dir,
-                                  config.clip_embeddings_path,
-                                  config.align_layers, config.cfg_dropout, config.seed,
-                                  return_encoder_hidden_states, token_shape=(config.dino_N, config.dino_D),
-                                  exclude_ids=exclude)
-    except CacheError as err:
-        if "'__meta__' shape" in str(err) and str(err).startswith(str(Path(config.dino_dir))):
-            raise CacheError(f"{err} (config keys dino_N x dino_D)") from None
-        raise
+    return SD15AlignedDataset(csv_path or config.csv_path, config.latent_dir, config.dino_dir,
+                              config.clip_embeddings_path, config.align_layers, config.cfg_dropout, config.seed,
+                              return_encoder_hidden_states, token_shape=(config.dino_N, config.dino_D),
+                              exclude_ids=exclude, token_shape_from=TOKEN_SHAPE_KEYS)
 
 
 def build_torch_loader(dataset: SD15AlignedDataset, batch_size: int, rank: int = 0, world: int = 1,

@@ -39,6 +39,8 @@ def class_sample(files: list[Path], n: int | None, seed: int, synset: str) -> li
 def sample_subset(imagenet_dir, output_csv, samples_per_class: int | None, class_index=None, seed: int = 42,
                   relative: bool = False) -> int:
     """Write the subset CSV; returns the number of rows."""
+    if samples_per_class is not None and samples_per_class <= 0:
+        raise InputError(f"--samples-per-class must be positive, got {samples_per_class}")
     root = Path(imagenet_dir)
     if not root.is_dir():
         raise MissingFileError(f"image folder {str(root)!r} does not exist")
@@ -106,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    if a.samples_per_class is not None and a.samples_per_class <= 0:
-        raise SystemExit(f"--samples-per-class must be positive, got {a.samples_per_class}")
     run_main("repa-fast-sample-subset", sample_subset, a.imagenet_dir, a.output_csv, a.samples_per_class,
              a.class_index, a.seed, a.relative)
 
