@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from repa_fast.errors import InputError, MissingFileError, read_json, run_main
+from repa_fast.errors import InputError, MissingFileError, read_json, run_main, world_size
 from repa_fast.evaluate import DTYPES
 from repa_fast.image_io import read_rgb, save_png_atomic, write_npz
 
@@ -189,7 +189,7 @@ class Distributed:
 
     def __init__(self):
         self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.world = world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if not 0 <= self.rank < self.world:
             raise InputError(f"RANK={self.rank} is not in [0, WORLD_SIZE={self.world})")
