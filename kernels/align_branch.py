@@ -32,6 +32,7 @@ once more.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -243,7 +244,16 @@ class AlignBranchBlocks:
 
 def align_branch_blocks(batch: int, in_ch: int, map_hw: tuple[int, int], grid: tuple[int, int], D: int,
                         num_groups: int, dtype: torch.dtype) -> AlignBranchBlocks:
-    """The launch configuration of the branch for one problem shape (a function of the shape only)."""
+    """The launch configuration of the branch for one problem shape (a function of the shape only, so computed
+    once per shape)."""
+    key = (int(batch), int(in_ch), tuple(int(n) for n in map_hw), tuple(int(n) for n in grid), int(D),
+           int(num_groups), dtype)
+    # As align_head_blocks: Dynamo traces the plain function, eager calls hit the cache.
+    return _compute_branch_blocks(*key) if torch.compiler.is_compiling() else _cached_branch_blocks(*key)
+
+
+def _compute_branch_blocks(batch: int, in_ch: int, map_hw: tuple[int, ...], grid: tuple[int, ...], D: int,
+                           num_groups: int, dtype: torch.dtype) -> AlignBranchBlocks:
     if batch > MAX_BATCH:
         raise ValueError(f"align_branch_loss: batch {batch} is above {MAX_BATCH} (the [B, B] Grams are one "
                          f"program's); use kernels='torch'")
@@ -264,6 +274,9 @@ def align_branch_blocks(batch: int, in_ch: int, map_hw: tuple[int, int], grid: t
         block_b=block_b, gram_chunk=gram_chunk, gram_chunks=triton.cdiv(D, gram_chunk),
         gram_warps=4 if block_b <= 64 else 16,
     )
+
+
+_cached_branch_blocks = functools.lru_cache(maxsize=64)(_compute_branch_blocks)
 
 
 # --------------------------------------------------------------------------------------------------

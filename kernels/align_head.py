@@ -480,10 +480,19 @@ def _clamp_pow2(n: int, lo: int, hi: int) -> int:
 
 def align_head_blocks(batch: int, in_ch: int, map_hw: tuple[int, int], grid: tuple[int, int], D: int,
                       num_groups: int, dtype: torch.dtype) -> AlignHeadBlocks:
-    """The launch configuration of every AlignHead kernel for one problem shape. A function of the shape only."""
+    """The launch configuration of every AlignHead kernel for one problem shape. A function of the shape only,
+    so computed once per shape (the host calls it several times a step)."""
+    key = (int(batch), int(in_ch), tuple(int(n) for n in map_hw), tuple(int(n) for n in grid), int(D),
+           int(num_groups), dtype)
+    # Dynamo (tracing the input checks of align_head) warns on lru_cache wrappers: it traces the plain function.
+    return _compute_head_blocks(*key) if torch.compiler.is_compiling() else _cached_head_blocks(*key)
+
+
+def _compute_head_blocks(batch: int, in_ch: int, map_hw: tuple[int, ...], grid: tuple[int, ...], D: int,
+                         num_groups: int, dtype: torch.dtype) -> AlignHeadBlocks:
     H, W = map_hw
     HW, N = H * W, grid[0] * grid[1]
-    upsample = tuple(grid) != (H, W)
+    upsample = grid != (H, W)
     if dtype not in _DTYPES:
         raise TypeError(f"align_head: feat dtype {dtype} is not one of {list(_DTYPES)}")
     if D % num_groups:
@@ -544,6 +553,9 @@ def align_head_blocks(batch: int, in_ch: int, map_hw: tuple[int, int], grid: tup
         reduce_block=1024,
         dot_precision=dot_precision(dtype),
     )
+
+
+_cached_head_blocks = functools.lru_cache(maxsize=64)(_compute_head_blocks)
 
 
 # --------------------------------------------------------------------------------------------------
