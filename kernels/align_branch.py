@@ -32,6 +32,7 @@ once more.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,10 @@ import triton
 import triton.language as tl
 
 from .align_head import (
-    NORM_EPS,
     TARGET_PROGRAMS,
     AlignHeadBlocks,
     _bwd_map_act,
     _bwd_token_chunk,
-    _rows_contiguous,
     _token_rows,
     align_head_blocks,
     check_inputs,
@@ -54,6 +53,7 @@ from .align_head import (
     map_backward,
     project,
 )
+from .token_pair import NORM_EPS, kept_entries, rows_contiguous
 
 _EPS = tl.constexpr(NORM_EPS)
 MAX_BATCH = 128  # the [B, B] Grams live in one program's registers
@@ -138,6 +138,7 @@ def _diagonal(b_a, o_r, o_c):
 def _align_branch_loss_kernel(
     gram_part_ptr, cos_ptr, loss_token_ptr, loss_manifold_ptr, gram_ptr, dgram_ptr, nx_ptr,
     B, N, n_chunks, n_cos,
+    inv_kept,  # 1 / (number of kept Gram entries); 0 when none is kept (B = 1, mask_diag: the loss is 0)
     UPPER_ONLY: tl.constexpr, MASK_DIAG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_COS: tl.constexpr,
 ):
     o_r = tl.arange(0, BLOCK_B)
@@ -159,8 +160,7 @@ def _align_branch_loss_kernel(
         m_keep = m_keep & (o_r[:, None] <= o_c[None, :])
     if MASK_DIAG:
         m_keep = m_keep & (o_r[:, None] != o_c[None, :])
-    kept = tl.sum(tl.sum(m_keep.to(tl.float32), axis=1), axis=0)
-    b_w = tl.where(m_keep, 1.0 / tl.maximum(kept, 1.0), 0.0)  # no kept entry (B = 1, mask_diag): the loss is 0
+    b_w = tl.where(m_keep, inv_kept, 0.0)
     b_diff = b_gx - b_gy
     o_out = o_r[:, None] * B + o_c[None, :]
     tl.store(gram_ptr + o_out, b_gx, mask=m_rc)
@@ -244,7 +244,16 @@ class AlignBranchBlocks:
 
 def align_branch_blocks(batch: int, in_ch: int, map_hw: tuple[int, int], grid: tuple[int, int], D: int,
                         num_groups: int, dtype: torch.dtype) -> AlignBranchBlocks:
-    """The launch configuration of the branch for one problem shape (a function of the shape only)."""
+    """The launch configuration of the branch for one problem shape (a function of the shape only, so computed
+    once per shape)."""
+    key = (int(batch), int(in_ch), tuple(int(n) for n in map_hw), tuple(int(n) for n in grid), int(D),
+           int(num_groups), dtype)
+    # As align_head_blocks: Dynamo traces the plain function, eager calls hit the cache.
+    return _compute_branch_blocks(*key) if torch.compiler.is_compiling() else _cached_branch_blocks(*key)
+
+
+def _compute_branch_blocks(batch: int, in_ch: int, map_hw: tuple[int, ...], grid: tuple[int, ...], D: int,
+                           num_groups: int, dtype: torch.dtype) -> AlignBranchBlocks:
     if batch > MAX_BATCH:
         raise ValueError(f"align_branch_loss: batch {batch} is above {MAX_BATCH} (the [B, B] Grams are one "
                          f"program's); use kernels='torch'")
@@ -265,6 +274,9 @@ def align_branch_blocks(batch: int, in_ch: int, map_hw: tuple[int, int], grid: t
         block_b=block_b, gram_chunk=gram_chunk, gram_chunks=triton.cdiv(D, gram_chunk),
         gram_warps=4 if block_b <= 64 else 16,
     )
+
+
+_cached_branch_blocks = functools.lru_cache(maxsize=64)(_compute_branch_blocks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,7 +304,7 @@ def align_branch_forward(feat, conv_weight, gn_weight, gn_bias, num_groups: int,
     blocks = align_branch_blocks(B, C, (H, W), grid, D, num_groups, feat.dtype)
     dev, f32 = feat.device, torch.float32
     x_hat, _mean, gn_rstd = project(feat, conv_weight, num_groups, eps, blocks.head)
-    y = _rows_contiguous(y)
+    y = rows_contiguous(y)
     tok_rstd = torch.empty(B, N, dtype=f32, device=dev)
     y_rstd = torch.empty(B, N, dtype=f32, device=dev)
     cos = torch.empty(B, blocks.splits, dtype=f32, device=dev)
@@ -311,6 +323,7 @@ def align_branch_forward(feat, conv_weight, gn_weight, gn_bias, num_groups: int,
         B=B, N=N, D=D, n_splits=blocks.splits,
         BLOCK_B=blocks.block_b, BLOCK_K=blocks.gram_chunk, num_warps=blocks.gram_warps, num_stages=1,
     )
+    kept = kept_entries(B, upper_only, mask_diag)
     loss_token = torch.empty((), dtype=f32, device=dev)
     loss_manifold = torch.empty((), dtype=f32, device=dev)
     gram = torch.empty(B, B, dtype=f32, device=dev)
@@ -319,7 +332,7 @@ def align_branch_forward(feat, conv_weight, gn_weight, gn_bias, num_groups: int,
     _align_branch_loss_kernel[(1,)](
         gram_part_ptr=gram_part, cos_ptr=cos, loss_token_ptr=loss_token, loss_manifold_ptr=loss_manifold,
         gram_ptr=gram, dgram_ptr=dgram, nx_ptr=nx,
-        B=B, N=N, n_chunks=blocks.gram_chunks, n_cos=B * blocks.splits,
+        B=B, N=N, n_chunks=blocks.gram_chunks, n_cos=B * blocks.splits, inv_kept=1.0 / kept if kept > 0 else 0.0,
         UPPER_ONLY=bool(upper_only), MASK_DIAG=bool(mask_diag), BLOCK_B=blocks.block_b, BLOCK_COS=256,
         num_warps=blocks.gram_warps, num_stages=1,
     )
@@ -335,7 +348,7 @@ def align_branch_backward(grad_token, grad_manifold, feat, conv_weight, gn_weigh
     HW, N = H * W, grid[0] * grid[1]
     blocks = align_branch_blocks(B, C, (H, W), grid, D, num_groups, feat.dtype)
     head = blocks.head
-    y = _rows_contiguous(y)
+    y = rows_contiguous(y)
     gn_weight, gn_bias = gn_weight.contiguous(), gn_bias.contiguous()
     n_dblocks = triton.cdiv(D, head.bwd_block_d)
     p1 = torch.empty(B, HW, D, dtype=feat.dtype, device=feat.device)

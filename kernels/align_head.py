@@ -45,7 +45,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-NORM_EPS = 1e-12  # F.normalize's eps: a zero token stays zero instead of NaN
+from .token_pair import NORM_EPS, dot_precision, rows_contiguous
+
 GELU_SQRT_HALF = 0.7071067811865476  # 1/sqrt(2): GELU(z) = z Phi(z), Phi(z) = (1 + erf(z / sqrt(2))) / 2
 GELU_INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2 pi): Phi'(z) = exp(-z^2 / 2) / sqrt(2 pi)
 _EPS = tl.constexpr(NORM_EPS)
@@ -479,10 +480,19 @@ def _clamp_pow2(n: int, lo: int, hi: int) -> int:
 
 def align_head_blocks(batch: int, in_ch: int, map_hw: tuple[int, int], grid: tuple[int, int], D: int,
                       num_groups: int, dtype: torch.dtype) -> AlignHeadBlocks:
-    """The launch configuration of every AlignHead kernel for one problem shape. A function of the shape only."""
+    """The launch configuration of every AlignHead kernel for one problem shape. A function of the shape only,
+    so computed once per shape (the host calls it several times a step)."""
+    key = (int(batch), int(in_ch), tuple(int(n) for n in map_hw), tuple(int(n) for n in grid), int(D),
+           int(num_groups), dtype)
+    # Dynamo (tracing the input checks of align_head) warns on lru_cache wrappers: it traces the plain function.
+    return _compute_head_blocks(*key) if torch.compiler.is_compiling() else _cached_head_blocks(*key)
+
+
+def _compute_head_blocks(batch: int, in_ch: int, map_hw: tuple[int, ...], grid: tuple[int, ...], D: int,
+                         num_groups: int, dtype: torch.dtype) -> AlignHeadBlocks:
     H, W = map_hw
     HW, N = H * W, grid[0] * grid[1]
-    upsample = tuple(grid) != (H, W)
+    upsample = grid != (H, W)
     if dtype not in _DTYPES:
         raise TypeError(f"align_head: feat dtype {dtype} is not one of {list(_DTYPES)}")
     if D % num_groups:
@@ -541,8 +551,11 @@ def align_head_blocks(batch: int, in_ch: int, map_hw: tuple[int, int], grid: tup
         dw_block_m=dw_block_m, dw_block_n=dw_block_n, dw_block_k=dw_block_k, dw_k_per_split=k_per_split,
         dw_split=triton.cdiv(M, k_per_split), dw_warps=8 if dw_block_m * dw_block_n >= 16384 else 4,
         reduce_block=1024,
-        dot_precision="ieee" if dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+        dot_precision=dot_precision(dtype),
     )
+
+
+_cached_head_blocks = functools.lru_cache(maxsize=64)(_compute_head_blocks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -698,11 +711,6 @@ def map_backward(p1, gu, feat, conv_weight, gn_weight, gn_bias, x_hat, gn_rstd, 
     return dfeat, dw, dgamma, dbeta
 
 
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    # The kernels take strides for b and n; a strided last dim is copied (unit stride gives wide loads).
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def align_head_backward(grad_tokens, feat, conv_weight, gn_weight, gn_bias, x_hat, gn_rstd, tok_rstd,
                         num_groups: int, grid: tuple[int, int], need_dfeat: bool = True, need_dweight: bool = True):
     """Gradients (feat, conv_weight, gn_weight, gn_bias) from the token gradient [B, N, D] and the forward's
@@ -710,7 +718,7 @@ def align_head_backward(grad_tokens, feat, conv_weight, gn_weight, gn_bias, x_ha
     B, C, H, W, D = check_inputs(feat, conv_weight, gn_weight, gn_bias, num_groups, grid)
     HW, N = H * W, grid[0] * grid[1]
     blocks = align_head_blocks(B, C, (H, W), grid, D, num_groups, feat.dtype)
-    grad = _rows_contiguous(grad_tokens)
+    grad = rows_contiguous(grad_tokens)
     gn_weight, gn_bias = gn_weight.contiguous(), gn_bias.contiguous()
     n_dblocks = triton.cdiv(D, blocks.bwd_block_d)
     p1 = torch.empty(B, HW, D, dtype=feat.dtype, device=feat.device)

@@ -41,9 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_pair import LaunchConfig, check_token_pair, rows_contiguous
+from .token_pair import NORM_EPS, LaunchConfig, check_token_pair, kept_entries, rows_contiguous
 
-NORM_EPS = 1e-12  # F.normalize's eps, as in the reference: a zero row stays zero instead of NaN
 _EPS = tl.constexpr(NORM_EPS)
 
 MAX_D = 8192  # one program holds whole token rows (both norms in one pass); wider rows would spill
@@ -298,11 +297,6 @@ def align_loss_configs(B: int, N: int, D: int) -> dict[str, LaunchConfig]:
     }
 
 
-def _kept_entries(B: int, upper_only: bool, mask_diag: bool) -> int:
-    """How many Gram entries the loss averages (the mask of repa_fast.losses._gram_mask)."""
-    return (B * (B + 1) // 2 if upper_only else B * B) - (B if mask_diag else 0)
-
-
 def align_loss_forward(x: torch.Tensor, y: torch.Tensor, upper_only: bool,
                        mask_diag: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L_token, L_manifold, s): fp32 scalars and the per-sample vectors s [B, D] fp32 the backward uses."""
@@ -327,7 +321,7 @@ def align_loss_forward(x: torch.Tensor, y: torch.Tensor, upper_only: bool,
         stride_yb=y_k.stride(0), stride_yn=y_k.stride(1), **stream.args,
         **stream.constexprs, num_warps=stream.num_warps, num_stages=stream.num_stages,
     )
-    kept = _kept_entries(B, upper_only, mask_diag)
+    kept = kept_entries(B, upper_only, mask_diag)
     _align_loss_gram_kernel[gram.grid](
         p_ptr=pq[0], q_ptr=pq[1], norm_mean_x_ptr=norm_mean_x, cos_sum_ptr=cos_sum, gx_partial_ptr=gram_partial[0],
         gy_partial_ptr=gram_partial[1], row_loss_ptr=row_loss, sample_grad_ptr=sample_grad,

@@ -30,9 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_pair import LaunchConfig, check_token_pair, rows_contiguous
+from .token_pair import NORM_EPS, LaunchConfig, check_token_pair, dot_precision, rows_contiguous
 
-NORM_EPS = 1e-12  # F.normalize's eps, as in the reference
 _EPS = tl.constexpr(NORM_EPS)
 
 MAX_N = 256  # the backward holds E's rows against all N tokens on chip: [64, N] fp32 twice, 8 warps
@@ -190,11 +189,6 @@ def _token_gram_backward_kernel(
                  b_dx.to(dx_ptr.dtype.element_ty), mask=m_i[:, None] & m_d[None, :])
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 tokens: full fp32 products ("ieee"; TF32 would be 1e-3 off); 16-bit tokens: the tensor cores' own.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def token_gram_configs(B: int, N: int, D: int, x_dtype: torch.dtype = torch.bfloat16,
                        y_dtype: torch.dtype = torch.float16) -> dict[str, LaunchConfig]:
     """{kernel name: LaunchConfig} that the host launches for x, y of shape [B, N, D].
@@ -213,10 +207,11 @@ def token_gram_configs(B: int, N: int, D: int, x_dtype: torch.dtype = torch.bflo
     block_t = max(MIN_BLOCK, min(GRAM_BLOCK, triton.next_power_of_2(N)))
     block_h = max(MIN_BLOCK, triton.next_power_of_2(N) // 2)  # the backward's column halves
     n_tiles = triton.cdiv(N, block_t)
-    precisions = {"X_PRECISION": _precision(x_dtype), "Y_PRECISION": _precision(y_dtype)}
+    precisions = {"X_PRECISION": dot_precision(x_dtype), "Y_PRECISION": dot_precision(y_dtype)}
     return {
         "_token_gram_forward_kernel": LaunchConfig(
-            (n_tiles * n_tiles, B), {"BLOCK_T": block_t, "BLOCK_K": K_BLOCK, **precisions}, 4, 3),
+            (n_tiles * n_tiles, B), {"BLOCK_T": block_t, "BLOCK_K": K_BLOCK, **precisions}, 4, 3,
+            {"n_tiles": n_tiles}),
         "_token_gram_backward_kernel": LaunchConfig(
             (n_tiles, B), {"BLOCK_I": block_t, "BLOCK_H": block_h, "BLOCK_K": K_BLOCK, "BLOCK_D": D_BLOCK,
                            **precisions}, 8, 2),
@@ -231,8 +226,8 @@ def token_gram_forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     partial = torch.empty(launch.grid[::-1], dtype=torch.float32, device=x.device)  # [B, n_tiles^2]
     _token_gram_forward_kernel[launch.grid](
         x_ptr=x_k, y_ptr=y_k, partial_ptr=partial, N=N, D=D, stride_xb=x_k.stride(0), stride_xn=x_k.stride(1),
-        stride_yb=y_k.stride(0), stride_yn=y_k.stride(1), n_tiles=triton.cdiv(N, launch.constexprs["BLOCK_T"]),
-        scale=1.0 / (B * N * N), **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        stride_yb=y_k.stride(0), stride_yn=y_k.stride(1), scale=1.0 / (B * N * N), **launch.args,
+        **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return partial.sum()
 

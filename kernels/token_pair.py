@@ -1,11 +1,13 @@
-"""What the fused ops on a pair of token tensors (align_loss, token_gram) share: input checks, unit-stride rows,
-the launch-config record."""
+"""What the fused ops on token tensors share: F.normalize's eps, the tl.dot precision of each dtype, input
+checks, unit-stride rows, the kept entries of the sample Gram mask, the launch-config record."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+
+NORM_EPS = 1e-12  # F.normalize's eps, as in the reference: a zero token stays zero instead of NaN
 
 
 class LaunchConfig(NamedTuple):
@@ -38,3 +40,15 @@ def check_token_pair(op: str, x: torch.Tensor, y: torch.Tensor, reference: str) 
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dim has unit stride (the kernels take the other strides), else a copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for operands of ``dtype``: fp32 gets full fp32 products ("ieee"; TF32 would be
+    1e-3 off); 16-bit operands run on the tensor cores' own precision ("tf32" is ignored for them)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def kept_entries(B: int, upper_only: bool, mask_diag: bool) -> int:
+    """How many entries of the [B, B] sample Gram the manifold loss averages (the mask of
+    repa_fast.losses._gram_mask: upper_only keeps b <= c, mask_diag drops b = c)."""
+    return (B * (B + 1) // 2 if upper_only else B * B) - (B if mask_diag else 0)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from kernel_testing import rel_err, tolerance
+from kernel_testing import assert_as_accurate_as_eager, assert_close, assert_compiles_whole, rel_err, tolerance
 
 import repa_fast.kernels.align_head as kah
 from repa_fast.kernels import aot
@@ -67,13 +67,14 @@ def reference_and_kernel(ref, feat, grad, dtype):
     return expected, (out, x.grad, w.grad, gamma.grad, beta.grad)
 
 
-def assert_close(expected, actual, tol):
-    names = ("tokens", "dfeat", "dconv_weight", "dgn_weight", "dgn_bias")
-    errors = {n: rel_err(a, e) for n, a, e in zip(names, actual, expected, strict=True)}
-    for n, a, e in zip(names, actual, expected, strict=True):
-        assert a.dtype == actual[0].dtype and a.shape == e.shape, n
-    bad = {n: f"{err:.2e}" for n, err in errors.items() if not err <= tol}
-    assert not bad, f"relative error above {tol:g}: {bad}"
+NAMES = ("tokens", "dfeat", "dconv_weight", "dgn_weight", "dgn_bias")
+
+
+def assert_results_close(expected, actual, tol):
+    """The kernel's results all in the tokens' dtype, each within ``tol`` of the reference's (relative norm)."""
+    for n, a in zip(NAMES, actual, strict=True):
+        assert a.dtype == actual[0].dtype, n
+    assert_close(dict(zip(NAMES, actual, strict=True)), dict(zip(NAMES, expected, strict=True)), tol)
 
 
 CASES = {
@@ -94,7 +95,7 @@ CASES = {
 def test_matches_float64_reference(case, dtype):
     ref, feat, grad = make_case(*CASES[case], dtype=dtype, seed=len(case))
     expected, actual = reference_and_kernel(ref, feat, grad, dtype)
-    assert_close(expected, actual, TOL[dtype])
+    assert_results_close(expected, actual, TOL[dtype])
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "channel_slice", "spatial_crop"])
@@ -114,7 +115,7 @@ def test_non_contiguous_feat(layout):
     assert not feat.is_contiguous()
     expected, actual = reference_and_kernel(ref, feat, grad, torch.float32)
     assert actual[1].shape == feat.shape
-    assert_close(expected, actual, TOL[torch.float32])
+    assert_results_close(expected, actual, TOL[torch.float32])
 
 
 @settings(max_examples=6, deadline=None)
@@ -143,8 +144,7 @@ def test_hypothesis_shapes(B, C, G, group_size, H, W, side, seed):
     out32 = ref32.reference(x32)
     out32.backward(grad)
     torch_fp32 = (out32, x32.grad, *(p.grad for p in ref32.parameters()))
-    names = ("tokens", "dfeat", "dconv_weight", "dgn_weight", "dgn_bias")
-    for name, a, t, e in zip(names, actual, torch_fp32, expected, strict=True):
+    for name, a, t, e in zip(NAMES, actual, torch_fp32, expected, strict=True):
         err, torch_err = rel_err(a, e), rel_err(t, e)
         assert err <= max(TOL[torch.float32], 4 * torch_err), f"{name}: {err:.2e} (torch fp32 {torch_err:.2e})"
 
@@ -224,18 +224,7 @@ def test_torch_compile_fullgraph_equals_eager():
     def loss_fn(feat, w, gamma, beta, grad):
         return (align_head(feat, w, gamma, beta, 8, (8, 8)) * grad).sum()
 
-    *leaves, grad = small_inputs()
-    explain = torch._dynamo.explain(loss_fn)(*leaves, grad)
-    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
-        for t in leaves:
-            t.grad = None
-        loss = fn(*leaves, grad)
-        loss.backward()
-        results.append([loss.detach(), *(t.grad for t in leaves)])
-    for name, eager, compiled in zip(("loss", "dfeat", "dconv", "dgamma", "dbeta"), *results, strict=True):
-        assert torch.equal(eager, compiled), name  # the same kernels in the same order
+    assert_compiles_whole(loss_fn, *small_inputs(), wrt=4)  # bit for bit: the same kernels in the same order
 
 
 def test_launches_per_forward_and_backward():
@@ -356,10 +345,8 @@ def test_bf16_real_shape_on_gpu(map_hw):
     out = eager.reference(x)
     out.backward(grad)
     eager_results = (out, x.grad, *(p.grad for p in eager.parameters()))
-    names = ("tokens", "dfeat", "dconv", "dgamma", "dbeta")
-    for name, a, b, e in zip(names, actual, eager_results, expected, strict=True):
-        err, eager_err = rel_err(a, e), rel_err(b, e)
-        assert err < 2e-2 and err <= 2 * eager_err + 2e-3, f"{name}: {err:.2e} (eager bf16 {eager_err:.2e})"
+    assert_as_accurate_as_eager(*(dict(zip(NAMES, r, strict=True)) for r in (actual, eager_results, expected)),
+                                dtype)
     # Deterministic: no atomics, so a second run gives the same bits.
     _, again = reference_and_kernel(ref, feat, grad, dtype)
     for a, b in zip(actual, again, strict=True):

@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from kernel_testing import assert_close, float64_oracle, outputs_and_grads, rel_err, tolerance
+from kernel_testing import (
+    assert_as_accurate_as_eager,
+    assert_close,
+    float64_oracle,
+    outputs_and_grads,
+    rel_err,
+    tolerance,
+)
 
 
 def test_rel_err_and_tolerance():
@@ -29,3 +36,14 @@ def test_oracle_and_assert_close():
         assert_close({"o1": a1, "o2": a2 + 1}, {"o1": o1, "o2": o2}, 1e-3, atol={"o1": 10.0})
     with pytest.raises(AssertionError, match="float64"):  # a reference that drops to fp32 is refused
         float64_oracle(lambda t: t.float().sum(), (x,), [0], [torch.tensor(1.0)])
+
+
+def test_as_accurate_as_eager():
+    e = torch.ones(100)
+    off = lambda r: e * (1 + r)  # noqa: E731 (relative error r)
+    expected, eager = {"a": e, "b": e}, {"a": off(1e-3), "b": off(1e-3)}
+    assert_as_accurate_as_eager({"a": off(3e-3), "b": off(3.9e-3)}, eager, expected, torch.bfloat16)  # 2 * 1e-3 + 2e-3
+    with pytest.raises(AssertionError, match=r"\{'b': "):
+        assert_as_accurate_as_eager({"a": off(3e-3), "b": off(5e-3)}, eager, expected, torch.bfloat16)
+    with pytest.raises(AssertionError, match=r"\{'a': "):  # never above the 2e-2 cap, however far off eager is
+        assert_as_accurate_as_eager({"a": off(2.5e-2)}, {"a": off(5e-2)}, {"a": e}, torch.bfloat16)

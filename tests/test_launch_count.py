@@ -7,6 +7,8 @@ from triton.runtime.jit import KernelInterface
 
 from repa_fast.kernels.launch_count import count_launches, record_launches
 
+TRITON_GETITEM = KernelInterface.__getitem__  # Triton's own launch path, before any counter patched it
+
 
 @triton.jit
 def _scale_kernel(x_ptr, o_ptr, n, scale, BLOCK: tl.constexpr):
@@ -72,7 +74,7 @@ def test_nested_counters_and_restored_dispatch():
     assert inner.triton == ["_scale_kernel"] and inner.torch_ops == ["aten.mul.Tensor"]
     assert outer.triton == ["_scale_kernel"] * 2 and outer.torch_ops == ["aten.mul.Tensor"]
     # outside any counter the launch path is Triton's own again and nothing is recorded
-    assert "counting" not in KernelInterface.__getitem__.__name__
+    assert KernelInterface.__getitem__ is TRITON_GETITEM
     scale(x, 1.0)
     assert outer.launches == inner.launches + 1 == 3
 
